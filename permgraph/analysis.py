@@ -1,0 +1,274 @@
+"""``infer``: trace, run the rules over every node, solve, and build the PermSpec."""
+
+from __future__ import annotations
+
+import operator
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from permgraph.errors import UnsupportedOpError
+from permgraph.graph import build_graph, module_path
+from permgraph.rules import (
+    Axis,
+    Block,
+    Cat,
+    Constraint,
+    Free,
+    Fresh,
+    Prod,
+    Term,
+    Tie,
+    constraints_for,
+    lookup,
+    op_name,
+    value_of_arg,
+    values_of,
+)
+from permgraph.spec import Group, Layout, Member, PermSpec, Unsupported
+from permgraph.trace import Traced, trace
+from permgraph.unify import Leaf, Tree, Unifier
+
+__all__ = ["infer", "analyze"]
+
+
+class _Solver:
+    """Feeds rule constraints into a :class:`Unifier`, one variable per tensor axis."""
+
+    def __init__(self) -> None:
+        self.u = Unifier()
+        self.axis_var: dict[tuple[tuple[str, int | None], int], int] = {}
+
+    def var(self, a: Axis) -> int:
+        key = (a.value, a.dim)
+        v = self.axis_var.get(key)
+        if v is None:
+            v = self.axis_var[key] = self.u.new(a.size)
+        return v
+
+    def term(self, t: Term, fresh: dict[tuple[str, int], int], mentioned: set[Axis]) -> int:
+        if isinstance(t, Axis):
+            mentioned.add(t)
+            return self.var(t)
+        if isinstance(t, Fresh):
+            key = (t.tag, t.size)
+            if key not in fresh:
+                fresh[key] = self.u.new(t.size)
+            return fresh[key]
+        kind = "prod" if isinstance(t, Prod) else "cat"
+        return self.u.term(kind, [self.term(p, fresh, mentioned) for p in t.parts])
+
+    def apply(self, constraints: Iterable[Constraint], where: str) -> set[Axis]:
+        mentioned: set[Axis] = set()
+        fresh: dict[tuple[str, int], int] = {}
+        for c in constraints:
+            if isinstance(c, Tie):
+                a, b = self.term(c.a, fresh, mentioned), self.term(c.b, fresh, mentioned)
+                self.u.unify(a, b, f"{c.why} @ {where}")
+            elif isinstance(c, Block):
+                self.u.block(self.term(c.a, fresh, mentioned), f"{c.reason} @ {where}")
+            elif isinstance(c, Free):
+                self.term(c.a, fresh, mentioned)
+            else:  # pragma: no cover - rules are typed
+                raise TypeError(f"a rule returned {c!r}, not a Tie/Block/Free")
+        return mentioned
+
+    def block_value(self, node: torch.fx.Node, reason: str) -> None:
+        for v in values_of(node):
+            for a in v.axes:
+                self.u.block(self.var(a), reason)
+
+
+def _tensor_inputs(node: torch.fx.Node):
+    seen = {}
+    for a in node.all_input_nodes:
+        tv = value_of_arg(a)
+        if tv is not None:
+            seen.setdefault(tv.value, tv)
+        elif isinstance(a.meta.get("val"), (list, tuple)) and node.target is not operator.getitem:
+            for tv in values_of(a):
+                seen.setdefault(tv.value, tv)
+    return list(seen.values())
+
+
+def analyze(traced: Traced) -> tuple[_Solver, list[Unsupported]]:
+    """Run every node's rule and collect the constraints in a solver."""
+    s = _Solver()
+    unsupported: list[Unsupported] = []
+    nodes = list(traced.graph_module.graph.nodes)
+    for node in nodes:
+        if node.op == "placeholder":
+            if node.name in traced.user_inputs:
+                s.block_value(node, f"model input {node.name}")
+            elif node.name not in traced.params:
+                s.block_value(node, traced.not_in_state_dict.get(node.name, f"constant {node.name}"))
+            else:
+                for v in values_of(node):  # give every parameter axis a variable
+                    for a in v.axes:
+                        s.var(a)
+        elif node.op == "call_function":
+            ins, outs = _tensor_inputs(node), values_of(node)
+            if not ins and not outs:
+                continue
+            where = module_path(node) or node.name
+            fn = lookup(node.target)
+            reason = None
+            if fn is None:
+                reason = "no rule for this op"
+            else:
+                try:
+                    mentioned = s.apply(list(constraints_for(node, fn)), where)
+                except Exception as exc:  # noqa: BLE001 - a rule that cannot read a call blocks it
+                    reason = f"the rule could not read this call ({type(exc).__name__}: {exc})"
+                else:
+                    missed = [a for v in ins + outs for a in v.axes if a not in mentioned]
+                    for a in missed:
+                        s.u.block(s.var(a), f"{op_name(node.target)} left this axis unexplained @ {where}")
+            if reason is not None:
+                for v in ins + outs:
+                    for a in v.axes:
+                        s.u.block(s.var(a), f"{op_name(node.target)}: {reason} @ {where}")
+                unsupported.append(Unsupported(node.name, op_name(node.target), module_path(node), reason))
+        elif node.op == "output":
+            for arg in torch.utils._pytree.tree_leaves(node.args):
+                if not isinstance(arg, torch.fx.Node):
+                    continue
+                if arg.name in traced.mutations:
+                    buf = next(n for n in nodes if n.name == traced.mutations[arg.name])
+                    bv, nv = value_of_arg(buf), value_of_arg(arg)
+                    if bv is not None and nv is not None and bv.shape == nv.shape:
+                        for a, b in zip(bv.axes, nv.axes):
+                            s.u.unify(s.var(a), s.var(b), f"buffer update @ {buf.name}")
+                        continue
+                s.block_value(arg, f"model output {arg.name}")
+        elif node.op == "get_attr":
+            s.block_value(node, f"attribute {node.target}")
+    s.u.finish()
+    return s, unsupported
+
+
+def _occurrences(t: Leaf | Tree, offset: int, scale: int, repeats: tuple[tuple[int, int], ...], out: list) -> None:
+    """Walk a resolved layout tree: every unblocked leaf of >1 unit is a group occurrence."""
+    if isinstance(t, Leaf):
+        if not t.blocked and t.size > 1:
+            out.append((t.root, Layout(offset, scale, repeats)))
+        return
+    if t.kind == "cat":
+        start = 0
+        for p in t.parts:
+            _occurrences(p, offset + start * scale, scale, repeats, out)
+            start += p.size
+        return
+    sizes = [p.size for p in t.parts]
+    for i, p in enumerate(t.parts):
+        left = 1
+        for s_ in sizes[:i]:
+            left *= s_
+        right = 1
+        for s_ in sizes[i + 1:]:
+            right *= s_
+        reps = repeats + (((left, sizes[i] * right * scale),) if left > 1 else ())
+        _occurrences(p, offset, scale * right, reps, out)
+
+
+def _base_name(key: str) -> str:
+    for suffix in (".weight", ".bias", ".running_mean", ".running_var", ".in_proj_weight", ".in_proj_bias"):
+        if key.endswith(suffix):
+            return key[: -len(suffix)]
+    return key
+
+
+def _build_spec(traced: Traced, s: _Solver, unsupported: list[Unsupported]) -> tuple[PermSpec, dict[int, str]]:
+    order = {k: i for i, k in enumerate(traced.state_shapes)}
+    found: dict[int, list[Member]] = {}
+    nodes = {n.name: n for n in traced.graph_module.graph.nodes}
+    for ph, keys in traced.params.items():
+        val = value_of_arg(nodes[ph])
+        if val is None:
+            continue
+        for a in val.axes:
+            occ: list[tuple[int, Layout]] = []
+            _occurrences(s.u.tree(s.var(a)), 0, 1, (), occ)
+            for root, layout in occ:
+                for key in keys:
+                    found.setdefault(root, []).append(Member(key, a.dim, layout))
+    ranked = []
+    for root, members in found.items():
+        members.sort(key=lambda m: (order.get(m.key, 1 << 30), m.axis, m.layout.offset))
+        ranked.append((order.get(members[0].key, 1 << 30), members[0].axis, members[0].layout.offset, root, members))
+    ranked.sort(key=lambda r: r[:3])
+    groups: list[Group] = []
+    roots: dict[int, str] = {}
+    used: dict[str, int] = {}
+    for *_, root, members in ranked:
+        producer = next((m for m in members if m.axis == 0), members[0])
+        base = _base_name(producer.key)
+        used[base] = used.get(base, 0) + 1
+        name = base if used[base] == 1 else f"{base}#{used[base]}"
+        why = tuple(dict.fromkeys(s.u.why(root)))
+        groups.append(Group(name, s.u.size(root), tuple(members), why))
+        roots[root] = name
+    return PermSpec(tuple(groups), tuple(unsupported), dict(traced.state_shapes)), roots
+
+
+def _annotate(graph, traced: Traced, s: _Solver, roots: dict[int, str]) -> None:
+    """Write each node's ``groups``: per output dim, the groups that permute it."""
+    for node in traced.graph_module.graph.nodes:
+        per_value = []
+        for v in values_of(node):
+            dims = []
+            for a in v.axes:
+                occ: list[tuple[int, Layout]] = []
+                _occurrences(s.u.tree(s.var(a)), 0, 1, (), occ)
+                dims.append(tuple(roots[r] for r, _ in occ if r in roots))
+            per_value.append(tuple(dims))
+        if node.name in graph.nodes:
+            graph.nodes[node.name]["groups"] = per_value[0] if len(per_value) == 1 else tuple(per_value)
+
+
+def infer(model: torch.nn.Module, example_inputs: Any, *, strict: bool = False) -> PermSpec:
+    """Find every group of hidden units of ``model`` that can be reordered without changing
+    what it computes.
+
+    Args:
+        model: any ``nn.Module``; traced in eval mode (its mode is restored).
+        example_inputs: a Tensor, a tuple of positional arguments or a dict of keyword
+            arguments, as the model's forward takes them.
+        strict: raise :class:`~permgraph.errors.UnsupportedOpError` if any op had to be
+            blocked for want of a rule, instead of reporting it in ``spec.unsupported``.
+
+    Returns:
+        The :class:`~permgraph.spec.PermSpec`. ``spec.graph`` holds the networkx graph, with
+        each node's ``groups`` attribute naming the groups that permute each output dim.
+
+    Raises:
+        TraceError: the model cannot be traced on these inputs.
+        UnsupportedOpError: with ``strict=True``, when an op has no rule.
+
+    Example:
+        >>> import torch, permgraph
+        >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> spec = permgraph.infer(mlp, torch.randn(3, 4))
+        >>> [(g.name, g.size) for g in spec.groups]
+        [('0', 8)]
+        >>> spec.verify(mlp, torch.randn(3, 4)) < 1e-5
+        True
+    """
+    traced = trace(model, example_inputs)
+    t0 = time.perf_counter()
+    s, unsupported = analyze(traced)
+    spec, roots = _build_spec(traced, s, unsupported)
+    graph = build_graph(traced)
+    _annotate(graph, traced, s, roots)
+    spec.graph = graph
+    spec.traced = traced
+    traced.extra["rules_seconds"] = time.perf_counter() - t0
+    if strict and unsupported:
+        raise UnsupportedOpError(
+            f"{len(unsupported)} op(s) have no rule and were blocked:\n  "
+            + "\n  ".join(map(str, unsupported))
+            + "\nRegister a rule for them (see 'Write a rule for your own op' in the docs), or pass strict=False."
+        )
+    return spec

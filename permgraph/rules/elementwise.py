@@ -1,0 +1,58 @@
+"""Element-wise ops: every input broadcasts against the output, dims tie one to one."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from permgraph.rules import Cat, Constraint, Free, OpCall, Tie, rule
+from permgraph.rules._util import broadcast, tie_all
+
+# Ops that act element by element but that ATen does not tag ``pointwise``
+# (ops tagged pointwise reach ``_pointwise`` through :func:`permgraph.rules.lookup`).
+_ELEMENTWISE = (
+    "aten.hardswish", "aten.hardsigmoid", "aten.relu6", "aten.hardtanh", "aten.silu",
+    "aten.mish", "aten.softplus", "aten.elu", "aten.selu", "aten.celu", "aten.gelu",
+    "aten.leaky_relu", "aten.rrelu", "aten.softshrink", "aten.hardshrink", "aten.threshold",
+    "aten.log_sigmoid", "aten.log_sigmoid_forward", "aten.clamp", "aten.clamp_min",
+    "aten.clamp_max", "aten.dropout", "aten.native_dropout", "aten.feature_dropout",
+    "aten.alpha_dropout", "aten.feature_alpha_dropout", "aten.clone", "aten.contiguous",
+    "aten.detach", "aten.alias", "aten.lift_fresh_copy", "aten._to_copy", "aten.to",
+    "aten.type_as", "aten._to_dim_order_copy", "aten.copy", "aten.masked_fill",
+    "aten.where", "aten.nan_to_num", "aten.lerp", "aten.addcmul", "aten.addcdiv",
+    "aten.pow", "aten.float_power", "aten.square", "aten.dropout_", "aten.positive",
+)
+
+
+@rule("<pointwise>", *_ELEMENTWISE)
+def _pointwise(op: OpCall) -> Iterator[Constraint]:
+    ins = op.inputs()
+    for out in op.outputs:
+        if out.ndim == 0:
+            for x in ins:
+                yield from (Free(a) for a in x.axes if a.size == 1)
+            continue
+        yield from broadcast(ins, out, f"element-wise {op.name}")
+
+
+@rule("aten.prelu")
+def _prelu(op: OpCall) -> Iterator[Constraint]:
+    x, w, out = op.tensor("self"), op.tensor("weight"), op.out
+    yield from tie_all(x, out, "prelu")
+    if w is not None and w.ndim == 1:
+        if w.shape[0] == 1:
+            yield Free(w.axis(0))
+        else:
+            yield Tie(w.axis(0), x.axis(1 if x.ndim > 1 else 0), "prelu: one slope per channel")
+
+
+@rule("aten.glu")
+def _glu(op: OpCall) -> Iterator[Constraint]:
+    """glu(x, dim) = a * sigmoid(b) for the two halves a, b of x: unit i of the output reads
+    unit i of each half, so the input axis is the output's layout twice."""
+    x, out = op.tensor("self"), op.out
+    dim = op.args["dim"] % x.ndim
+    for d in range(x.ndim):
+        if d == dim:
+            yield Tie(x.axis(d), Cat(out.axis(d), out.axis(d)), "glu: halves gate each other")
+        else:
+            yield Tie(x.axis(d), out.axis(d), "glu")

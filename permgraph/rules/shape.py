@@ -1,0 +1,189 @@
+"""Shape ops: views, permutes, expands, concatenation, splitting, slicing.
+
+A reshape keeps the elements in row-major order, so the product of the input's axes equals
+the product of the output's (``view`` E -> H x D refines the E axis into heads and
+within-head units; ``flatten`` after a conv gives each channel a block of H*W features).
+Concatenation and slicing see an axis as a concatenation of segments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from permgraph.rules import Block, Cat, Constraint, Free, Fresh, OpCall, Prod, Tie, rule
+from permgraph.rules._util import norm_dim, reshape, tie_except
+
+
+@rule(
+    "aten.view", "aten.reshape", "aten._unsafe_view", "aten.flatten", "aten.unflatten",
+    "aten.squeeze", "aten.unsqueeze", "aten._reshape_alias", "aten.view_as", "aten.reshape_as",
+    "aten.ravel",
+)
+def _reshape(op: OpCall) -> Iterator[Constraint]:
+    x = op.tensor("self") or op.tensor("input")
+    yield from reshape(x, op.out, op.name.split(".")[1])
+
+
+@rule("aten.permute", "aten.transpose", "aten.t", "aten.swapaxes", "aten.swapdims", "aten.movedim", "aten.mT")
+def _permute(op: OpCall) -> Iterator[Constraint]:
+    x, out = op.tensor("self"), op.out
+    n = x.ndim
+    order = list(range(n))
+    if "dims" in op.args and isinstance(op.args["dims"], (list, tuple)) and op.name.startswith("aten.permute"):
+        order = [norm_dim(int(d), n) for d in op.args["dims"]]
+    elif "source" in op.args:  # movedim
+        src = op.args["source"]
+        dst = op.args["destination"]
+        src = [src] if isinstance(src, int) else list(src)
+        dst = [dst] if isinstance(dst, int) else list(dst)
+        src = [norm_dim(s, n) for s in src]
+        dst = [norm_dim(s, n) for s in dst]
+        rest = iter(d for d in range(n) if d not in src)
+        inv = dict(zip(dst, src))
+        order = [inv[i] if i in inv else next(rest) for i in range(n)]
+    elif n >= 2:
+        d0 = norm_dim(int(op.args.get("dim0", op.args.get("axis0", -2 if "mT" in op.name else 0))), n)
+        d1 = norm_dim(int(op.args.get("dim1", op.args.get("axis1", -1 if "mT" in op.name else 1))), n)
+        order[d0], order[d1] = order[d1], order[d0]
+    for i, d in enumerate(order):
+        yield Tie(out.axis(i), x.axis(d), "permute")
+
+
+@rule("aten.expand", "aten.expand_as", "aten.broadcast_to", "aten.expand_copy")
+def _expand(op: OpCall) -> Iterator[Constraint]:
+    x, out = op.tensor("self"), op.out
+    lead = out.ndim - x.ndim
+    for d in range(lead):
+        yield Free(out.axis(d))  # values are constant along a new dim
+    for d in range(x.ndim):
+        a, b = x.axis(d), out.axis(d + lead)
+        if a.size == b.size:
+            yield Tie(a, b, "expand")
+        else:  # 1 -> n: constant along the expanded dim
+            yield Free(a)
+            yield Free(b)
+    if op.tensor("other") is not None:
+        yield from (Free(a) for a in op.tensor("other").axes)
+
+
+@rule("aten.repeat")
+def _repeat(op: OpCall) -> Iterator[Constraint]:
+    x, out = op.tensor("self"), op.out
+    reps = list(op.args["repeats"])
+    lead = len(reps) - x.ndim
+    for d in range(lead):
+        yield Free(out.axis(d))
+    for d in range(x.ndim):
+        r = int(reps[lead + d])
+        if r == 1:
+            yield Tie(x.axis(d), out.axis(lead + d), "repeat")
+        else:  # tiles: copy i of unit u sits at i * n + u, copies are identical
+            yield Tie(out.axis(lead + d), Prod(Fresh(r, f"copies{d}"), x.axis(d)), "repeat: tiled copies")
+
+
+@rule("aten.cat", "aten.concat", "aten.concatenate")
+def _cat(op: OpCall) -> Iterator[Constraint]:
+    xs, out = op.tensors("tensors"), op.out
+    dim = norm_dim(int(op.args.get("dim", 0)), out.ndim)
+    parts = []
+    for x in xs:
+        if x is None:
+            continue
+        if x.ndim == 1 and x.shape[0] == 0 and out.ndim != 1:  # legacy empty tensor, skipped by cat
+            yield Free(x.axis(0))
+            continue
+        for d in range(x.ndim):
+            if d == dim:
+                parts.append(x.axis(d))
+            else:
+                yield Tie(x.axis(d), out.axis(d), "cat: other dims")
+    yield Tie(out.axis(dim), Cat(*parts), "cat: segments")
+
+
+@rule("aten.stack")
+def _stack(op: OpCall) -> Iterator[Constraint]:
+    xs, out = op.tensors("tensors"), op.out
+    dim = norm_dim(int(op.args.get("dim", 0)), out.ndim)
+    yield Block(out.axis(dim), "stack: the stacked tensors sit at fixed positions")
+    for x in xs:
+        yield from tie_except(out, x, {dim}, "stack: other dims")
+
+
+@rule("aten.split", "aten.split_with_sizes", "aten.chunk", "aten.tensor_split", "aten.unsafe_split", "aten.unsafe_chunk", "aten.split_copy")
+def _split(op: OpCall) -> Iterator[Constraint]:
+    x = op.tensor("self")
+    dim = norm_dim(int(op.args.get("dim", 0)), x.ndim)
+    parts = []
+    for out in op.outputs:
+        for d in range(x.ndim):
+            if d == dim:
+                parts.append(out.axis(d))
+            else:
+                yield Tie(x.axis(d), out.axis(d), "split: other dims")
+    yield Tie(x.axis(dim), Cat(*parts), "split: segments")
+
+
+@rule("aten.unbind")
+def _unbind(op: OpCall) -> Iterator[Constraint]:
+    x = op.tensor("self")
+    dim = norm_dim(int(op.args.get("dim", 0)), x.ndim)
+    yield Block(x.axis(dim), "unbind: each slice goes its own way")
+    for out in op.outputs:
+        yield from tie_except(x, out, {dim}, "unbind: other dims")
+
+
+def _segment(op: OpCall, dim: int, start: int, stop: int) -> Iterator[Constraint]:
+    """The output is units [start, stop) of the input along ``dim``; other dims tie."""
+    x, out = op.tensor("self") or op.tensor("input"), op.out
+    n = x.shape[dim]
+    for d in range(x.ndim):
+        if d != dim:
+            yield Tie(x.axis(d), out.axis(d), "slice: other dims")
+    seg = Cat(Fresh(start, "before"), out.axis(dim), Fresh(n - stop, "after"))
+    yield Tie(x.axis(dim), seg, f"slice [{start}:{stop}] of {n}")
+
+
+@rule("aten.slice", "aten.narrow")
+def _slice(op: OpCall) -> Iterator[Constraint]:
+    x, out = op.tensor("self") or op.tensor("input"), op.out
+    dim = norm_dim(int(op.args.get("dim", 0)), x.ndim)
+    n = x.shape[dim]
+    if op.name.startswith("aten.narrow"):
+        start, step = int(op.args["start"]), 1
+        start = start + n if start < 0 else start
+    else:
+        start = op.args.get("start")
+        step = int(op.args.get("step") or 1)
+        start = 0 if start is None else int(start)
+        start = min(max(start + n if start < 0 else start, 0), n)
+    if step != 1:
+        yield Block(x.axis(dim), f"slice with step {step}")
+        yield Block(out.axis(dim), f"slice with step {step}")
+        for d in range(x.ndim):
+            if d != dim:
+                yield Tie(x.axis(d), out.axis(d), "slice: other dims")
+        return
+    yield from _segment(op, dim, start, start + out.shape[dim])
+
+
+@rule("aten.select")
+def _select(op: OpCall) -> Iterator[Constraint]:
+    x, out = op.tensor("self"), op.out
+    dim = norm_dim(int(op.args["dim"]), x.ndim)
+    n = x.shape[dim]
+    i = int(op.args["index"])
+    i = i + n if i < 0 else i
+    yield Tie(x.axis(dim), Cat(Fresh(i, "before"), Fresh(1, "picked"), Fresh(n - i - 1, "after")), f"select index {i} of {n}")
+    yield from tie_except(x, out, {dim}, "select: other dims")
+
+
+@rule("aten.index_select")
+def _index_select(op: OpCall) -> Iterator[Constraint]:
+    x, idx, out = op.tensor("self"), op.tensor("index"), op.out
+    dim = norm_dim(int(op.args["dim"]), x.ndim)
+    yield Block(x.axis(dim), "index_select: arbitrary indices along this dim")
+    yield Block(out.axis(dim), "index_select: arbitrary indices along this dim")
+    yield from (Block(a, "index_select: indices") for a in idx.axes)
+    for d in range(x.ndim):
+        if d != dim:
+            yield Tie(x.axis(d), out.axis(d), "index_select: other dims")

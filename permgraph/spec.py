@@ -1,0 +1,499 @@
+"""PermSpec: the permutation groups of a model, and how to apply them to a state_dict.
+
+A group is an unknown permutation of ``size`` units. Each member says where those units sit
+in one axis of one state_dict tensor (its :class:`Layout`): unit ``u`` occupies positions
+``offset + Σ_k r_k * stride_k + u * block + j`` for ``j < block`` and every repeat index
+``r_k < count_k``. A Linear's output rows are ``Layout()``; a Linear after a flatten of
+``C x H x W`` sees channel ``u`` as a block of ``H*W`` columns (``Layout(block=H*W)``); a slice
+of a concatenation has an ``offset``; within-head units shared by every head are repeated
+``H`` times every head width (``repeats=((H, D),)``).
+
+A permutation is a dict ``group name -> int64 tensor p`` meaning "new unit ``u`` is old unit
+``p[u]``", so ``spec.apply(p, state_b)`` gathers ``W[p]`` along every member axis.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from permgraph.errors import PermutationError, SpecMismatchError, VerificationError
+
+__all__ = ["Layout", "Member", "Group", "Unsupported", "PermSpec", "Permutation"]
+
+Permutation = dict[str, torch.Tensor]
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a group's units sit along one axis (see the module docstring)."""
+
+    offset: int = 0
+    block: int = 1
+    repeats: tuple[tuple[int, int], ...] = ()  # (count, stride) pairs, outermost first
+
+    def positions(self, n: int) -> torch.Tensor:
+        """Axis positions as an int64 tensor of shape ``(*counts, n, block)``."""
+        pos = torch.arange(n).mul_(self.block).unsqueeze(-1) + torch.arange(self.block)
+        for count, stride in reversed(self.repeats):
+            pos = (torch.arange(count) * stride).view(count, *([1] * pos.ndim)) + pos
+        return pos + self.offset
+
+    def span(self, n: int) -> int:
+        """One past the largest position used."""
+        last = self.offset + (n - 1) * self.block + self.block - 1
+        return last + sum((c - 1) * s for c, s in self.repeats) + 1
+
+    def __str__(self) -> str:
+        parts = []
+        if self.offset:
+            parts.append(f"offset {self.offset}")
+        if self.block != 1:
+            parts.append(f"blocks of {self.block}")
+        for c, s in self.repeats:
+            parts.append(f"x{c} every {s}")
+        return ", ".join(parts) or "whole axis"
+
+
+@dataclass(frozen=True)
+class Member:
+    """One axis of one state_dict tensor that a group permutes."""
+
+    key: str
+    axis: int
+    layout: Layout = Layout()
+
+    def __str__(self) -> str:
+        lay = str(self.layout)
+        return f"{self.key}[{self.axis}]" + ("" if lay == "whole axis" else f" ({lay})")
+
+
+@dataclass(frozen=True)
+class Group:
+    """A set of units that can be reordered together without changing the function.
+
+    Attributes:
+        name: readable name, after the module that produces the units.
+        size: number of units.
+        members: the tensor axes it permutes.
+        why: the ties that joined it, as ``"rule: reason @ module"`` strings.
+    """
+
+    name: str
+    size: int
+    members: tuple[Member, ...]
+    why: tuple[str, ...] = ()
+
+    def why_summary(self, limit: int = 4) -> str:
+        """The ties that made this group, counted by rule (``"conv x20, add x8, ..."``)."""
+        counts = Counter(w.split(":")[0].split(" @ ")[0] for w in self.why)
+        items = [f"{k} x{v}" if v > 1 else k for k, v in counts.most_common()]
+        more = len(items) - limit
+        return ", ".join(items[:limit]) + (f", +{more} more" if more > 0 else "")
+
+
+@dataclass(frozen=True)
+class Unsupported:
+    """An op whose axes were blocked because no rule (or no use of a rule) understood it."""
+
+    node: str
+    op: str
+    module: str
+    reason: str
+
+    def __str__(self) -> str:
+        where = f" in {self.module}" if self.module else ""
+        return f"{self.op} ({self.node}){where}: {self.reason}"
+
+
+@dataclass
+class PermSpec:
+    """The permutation groups of an architecture (see :func:`permgraph.infer`).
+
+    It depends on state_dict names and shapes only, so it applies to any state_dict of the
+    same architecture.
+
+    Attributes:
+        groups: the groups, in state_dict order of their first member.
+        unsupported: ops whose axes were blocked, with the reason.
+        shapes: every state_dict key and its shape.
+        graph: the ``networkx`` graph it was derived from (not serialised), or None.
+        traced: the :class:`~permgraph.trace.Traced` program (not serialised), or None.
+    """
+
+    groups: tuple[Group, ...]
+    unsupported: tuple[Unsupported, ...] = ()
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    graph: Any = field(default=None, repr=False, compare=False)
+    traced: Any = field(default=None, repr=False, compare=False)
+    _index_cache: dict[str, list[tuple[int, Member, torch.Tensor]]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    # -- lookup ------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> Group:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise KeyError(f"no group named {name!r}; groups are: {', '.join(self.names[:10])}...")
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    @property
+    def names(self) -> list[str]:
+        return [g.name for g in self.groups]
+
+    @property
+    def num_units(self) -> int:
+        """Total number of permutable units over all groups."""
+        return sum(g.size for g in self.groups)
+
+    # -- permutations ------------------------------------------------------------------
+    def identity(self) -> Permutation:
+        """The identity permutation of every group."""
+        return {g.name: torch.arange(g.size) for g in self.groups}
+
+    def random_permutation(self, generator: torch.Generator | None = None) -> Permutation:
+        """A uniformly random permutation of every group."""
+        return {g.name: torch.randperm(g.size, generator=generator) for g in self.groups}
+
+    def inverse(self, perm: Mapping[str, torch.Tensor]) -> Permutation:
+        """The inverse permutation: ``apply(inverse(p), apply(p, sd)) == sd``."""
+        self.check_permutation(perm)
+        return {k: torch.argsort(v) for k, v in perm.items()}
+
+    def compose(self, first: Mapping[str, torch.Tensor], then: Mapping[str, torch.Tensor]) -> Permutation:
+        """The permutation equal to applying ``first``, then ``then``."""
+        self.check_permutation(first)
+        self.check_permutation(then)
+        return {k: first[k][then[k].to(first[k].device)] for k in first}
+
+    def check_permutation(self, perm: Mapping[str, torch.Tensor]) -> None:
+        """Raise :class:`PermutationError` unless ``perm`` is a bijection for every group."""
+        names = set(self.names)
+        missing = [n for n in self.names if n not in perm]
+        extra = [k for k in perm if k not in names]
+        if missing or extra:
+            raise PermutationError(
+                f"permutation does not match the spec: missing groups {missing[:5]}, unknown groups {extra[:5]}"
+                " (build it with spec.identity() / spec.random_permutation(), or a matcher, for this spec)"
+            )
+        for g in self.groups:
+            p = perm[g.name]
+            if not isinstance(p, torch.Tensor) or p.ndim != 1 or p.dtype.is_floating_point or p.dtype == torch.bool:
+                raise PermutationError(f"group {g.name!r}: expected a 1-D integer tensor, got {_describe(p)}")
+            if p.numel() != g.size:
+                raise PermutationError(f"group {g.name!r} has {g.size} units but its permutation has {p.numel()}")
+            seen = torch.zeros(g.size, dtype=torch.bool, device=p.device)
+            if bool(((p < 0) | (p >= g.size)).any()):
+                raise PermutationError(f"group {g.name!r}: indices must lie in [0, {g.size})")
+            seen[p.long()] = True
+            if not bool(seen.all()):
+                dup = int(torch.bincount(p.long().cpu(), minlength=g.size).argmax())
+                raise PermutationError(f"group {g.name!r}: not a bijection (index {dup} appears more than once)")
+
+    # -- state dicts -------------------------------------------------------------------
+    def check_state_dict(self, state_dict: Mapping[str, Any], what: str = "state_dict") -> None:
+        """Raise :class:`SpecMismatchError` unless keys and shapes match the spec."""
+        missing = [k for k in self.shapes if k not in state_dict]
+        extra = [k for k in state_dict if k not in self.shapes]
+        if missing or extra:
+            raise SpecMismatchError(
+                f"{what} does not match the architecture of this spec: "
+                + (f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}" if missing else "")
+                + ("; " if missing and extra else "")
+                + (f"unexpected keys {extra[:5]}{' ...' if len(extra) > 5 else ''}" if extra else "")
+                + ". Infer the spec from the same architecture as the weights."
+            )
+        for k, shape in self.shapes.items():
+            t = state_dict[k]
+            got = tuple(t.shape) if hasattr(t, "shape") else None
+            if got != shape:
+                raise SpecMismatchError(f"{what}[{k!r}] has shape {got}, the spec expects {shape}")
+
+    def _indices(self, key: str) -> list[tuple[int, Member, torch.Tensor]]:
+        if not self._index_cache and self.groups:
+            for gi, g in enumerate(self.groups):
+                for m in g.members:
+                    pos = m.layout.positions(g.size)
+                    self._index_cache.setdefault(m.key, []).append((gi, m, pos))
+        return self._index_cache.get(key, [])
+
+    def axis_index(self, key: str, axis: int, perm: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        """The gather index that ``perm`` applies along ``axis`` of ``key`` (None if none)."""
+        idx = None
+        for gi, m, pos in self._indices(key):
+            if m.axis != axis:
+                continue
+            p = perm[self.groups[gi].name].to(pos.device).long()
+            src = pos.index_select(-2, p)
+            if idx is None:
+                idx = torch.arange(self.shapes[key][axis])
+            idx[pos.reshape(-1)] = idx[src.reshape(-1)]
+        return idx
+
+    def apply(self, perm: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor], *, check: bool = True) -> dict[str, torch.Tensor]:
+        """Permute a state_dict: a new dict, the input untouched.
+
+        Tensors in no group pass through as they are; every member axis is gathered with its
+        group's permutation (new unit ``u`` = old unit ``perm[u]``).
+
+        Raises:
+            SpecMismatchError: the state_dict has missing, extra or mis-shaped keys.
+            PermutationError: ``perm`` is not a bijection of every group.
+        """
+        if check:
+            self.check_state_dict(state_dict)
+            self.check_permutation(perm)
+        out = dict(state_dict)
+        keys = {m.key for g in self.groups for m in g.members}
+        for key in keys:
+            t = state_dict[key]
+            for axis in sorted({m.axis for _, m, _ in self._indices(key)}):
+                idx = self.axis_index(key, axis, perm)
+                t = t.index_select(axis, idx.to(t.device))
+            out[key] = t
+        return out
+
+    # -- checks ------------------------------------------------------------------------
+    def lint(self) -> None:
+        """Check the structure: names unique, members in range and of one size per group,
+        no member twice, and the groups acting on one axis commute (they permute disjoint
+        segments or independent factors).
+
+        Raises:
+            SpecMismatchError: listing every problem found.
+        """
+        problems: list[str] = []
+        names = Counter(self.names)
+        problems += [f"group name {n!r} used {c} times" for n, c in names.items() if c > 1]
+        seen: set[tuple[str, int, Layout]] = set()
+        by_axis: dict[tuple[str, int], list[tuple[Group, Member]]] = {}
+        for g in self.groups:
+            if g.size < 2:
+                problems.append(f"group {g.name!r} has {g.size} unit(s)")
+            if not g.members:
+                problems.append(f"group {g.name!r} has no members")
+            for m in g.members:
+                if m.key not in self.shapes:
+                    problems.append(f"group {g.name!r}: member {m.key!r} is not in the state_dict")
+                    continue
+                shape = self.shapes[m.key]
+                if not 0 <= m.axis < len(shape):
+                    problems.append(f"group {g.name!r}: {m.key} has no axis {m.axis}")
+                    continue
+                if m.layout.span(g.size) > shape[m.axis]:
+                    problems.append(f"group {g.name!r}: {m} reaches past size {shape[m.axis]}")
+                    continue
+                pos = m.layout.positions(g.size).reshape(-1)
+                if pos.unique().numel() != pos.numel():
+                    problems.append(f"group {g.name!r}: {m} covers a position twice")
+                if (m.key, m.axis, m.layout) in seen:
+                    problems.append(f"{m} appears twice")
+                seen.add((m.key, m.axis, m.layout))
+                by_axis.setdefault((m.key, m.axis), []).append((g, m))
+        if not problems:
+            gen = torch.Generator().manual_seed(0)
+            for (key, axis), ms in by_axis.items():
+                if len(ms) < 2:
+                    continue
+                perms = {g.name: torch.randperm(g.size, generator=gen) for g, _ in ms}
+                n = self.shapes[key][axis]
+                forward, backward = torch.arange(n), torch.arange(n)
+                for order, idx in ((ms, forward), (ms[::-1], backward)):
+                    for g, m in order:
+                        pos = m.layout.positions(g.size)
+                        src = pos.index_select(-2, perms[g.name])
+                        idx[pos.reshape(-1)] = idx[src.reshape(-1)]
+                if not torch.equal(forward, backward) or forward.unique().numel() != n:
+                    problems.append(f"groups {[g.name for g, _ in ms]} do not commute on {key}[{axis}]")
+        if problems:
+            raise SpecMismatchError("lint found problems:\n  " + "\n  ".join(problems))
+
+    def verify(
+        self,
+        model: torch.nn.Module,
+        example_inputs: Any,
+        *,
+        perm: Mapping[str, torch.Tensor] | None = None,
+        rtol: float = 1e-4,
+        generator: torch.Generator | None = None,
+    ) -> float:
+        """The oracle: permute every group at random and check the outputs do not change.
+
+        Runs the model in eval mode with :func:`torch.func.functional_call` (the model is not
+        modified). Returns the relative max error (``max|y - y'| / max|y|``).
+
+        Raises:
+            VerificationError: the error exceeds ``rtol``; the message names the culprit
+                groups, found by bisection over the groups.
+        """
+        from permgraph.trace import as_args
+
+        args, kwargs = as_args(example_inputs)
+        state = {k: v for k, v in model.state_dict().items()}
+        self.check_state_dict(state, "model.state_dict()")
+        perm = self.random_permutation(generator) if perm is None else perm
+        self.check_permutation(perm)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                ref = _flat_outputs(model(*args, **kwargs))
+
+                def error(names: Sequence[str]) -> float:
+                    p = self.identity() | {n: perm[n] for n in names}
+                    out = torch.func.functional_call(model, self.apply(p, state, check=False), args, kwargs)
+                    return _rel_error(ref, _flat_outputs(out))
+
+                err = error(self.names)
+                if not err <= rtol:
+                    culprits = _bisect(self.names, lambda ns: not error(ns) <= rtol)
+                    raise VerificationError(
+                        f"permuting the groups changed the outputs (relative error {err:.3g} > {rtol:g}); "
+                        f"culprit group(s): {', '.join(culprits)}. Their members:\n  "
+                        + "\n  ".join(f"{n}: {', '.join(map(str, self[n].members[:6]))}" for n in culprits)
+                        + "\nThis is a bug in a rule (please report it with the model), or the model "
+                        "reads its parameters outside the traced forward.",
+                        culprits=tuple(culprits),
+                        error=err,
+                    )
+        finally:
+            model.train(was_training)
+        return err
+
+    # -- presentation ------------------------------------------------------------------
+    def table(self, max_members: int = 4) -> str:
+        """A readable table of the groups and the blocked-op report."""
+        lines = [f"PermSpec: {len(self.groups)} groups, {self.num_units} permutable units"]
+        if self.groups:
+            w = max(len(g.name) for g in self.groups)
+            lines.append(f"  {'group':<{w}}  {'size':>5}  members / why")
+            for g in self.groups:
+                mem = ", ".join(str(m) for m in g.members[:max_members])
+                more = len(g.members) - max_members
+                mem += f", +{more} more" if more > 0 else ""
+                lines.append(f"  {g.name:<{w}}  {g.size:>5}  {mem}")
+                lines.append(f"  {'':<{w}}  {'':>5}  why: {g.why_summary()}")
+        if self.unsupported:
+            lines.append(f"blocked ops ({len(self.unsupported)}):")
+            lines += [f"  {u}" for u in self.unsupported]
+        else:
+            lines.append("blocked ops: none")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict; :meth:`from_dict` reads it back."""
+        return {
+            "format": "permgraph.PermSpec",
+            "version": FORMAT_VERSION,
+            "groups": [
+                {
+                    "name": g.name,
+                    "size": g.size,
+                    "members": [
+                        {"key": m.key, "axis": m.axis, "offset": m.layout.offset, "block": m.layout.block,
+                         "repeats": [list(r) for r in m.layout.repeats]}
+                        for m in g.members
+                    ],
+                    "why": list(g.why),
+                }
+                for g in self.groups
+            ],
+            "unsupported": [asdict(u) for u in self.unsupported],
+            "shapes": {k: list(v) for k, v in self.shapes.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PermSpec:
+        """Rebuild a spec from :meth:`to_dict` output.
+
+        Raises:
+            SpecMismatchError: the dict is not a permgraph spec of a known version.
+        """
+        if not isinstance(data, Mapping) or data.get("format") != "permgraph.PermSpec":
+            raise SpecMismatchError("not a permgraph PermSpec dict (missing format='permgraph.PermSpec')")
+        if data.get("version") != FORMAT_VERSION:
+            raise SpecMismatchError(f"PermSpec format version {data.get('version')!r} is not supported (expected {FORMAT_VERSION})")
+        try:
+            groups = tuple(
+                Group(
+                    g["name"],
+                    int(g["size"]),
+                    tuple(
+                        Member(m["key"], int(m["axis"]), Layout(int(m["offset"]), int(m["block"]), tuple(tuple(map(int, r)) for r in m["repeats"])))  # type: ignore[misc]
+                        for m in g["members"]
+                    ),
+                    tuple(g.get("why", ())),
+                )
+                for g in data["groups"]
+            )
+            unsupported = tuple(Unsupported(**u) for u in data.get("unsupported", ()))
+            shapes = {k: tuple(int(s) for s in v) for k, v in data["shapes"].items()}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SpecMismatchError(f"malformed PermSpec dict: {exc!r}") from exc
+        return cls(groups, unsupported, shapes)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    def fingerprint(self) -> str:
+        """A short hash of the groups' names, sizes and members (not of provenance)."""
+        import hashlib
+
+        core = [[g.name, g.size, [[m.key, m.axis, m.layout.offset, m.layout.block, [list(r) for r in m.layout.repeats]] for m in g.members]] for g in self.groups]
+        return hashlib.sha256(json.dumps(core).encode()).hexdigest()[:16]
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"Tensor{tuple(x.shape)} {x.dtype}"
+    return type(x).__name__
+
+
+def _flat_outputs(out: Any) -> list[torch.Tensor]:
+    leaves, _ = torch.utils._pytree.tree_flatten(out)
+    return [x for x in leaves if isinstance(x, torch.Tensor)]
+
+
+def _rel_error(ref: list[torch.Tensor], got: list[torch.Tensor]) -> float:
+    if len(ref) != len(got):
+        return math.inf
+    worst = 0.0
+    for a, b in zip(ref, got):
+        if a.shape != b.shape:
+            return math.inf
+        if not a.is_floating_point():
+            worst = max(worst, 0.0 if torch.equal(a, b) else math.inf)
+            continue
+        a64, b64 = a.double(), b.double()
+        scale = a64.abs().max().item() if a.numel() else 0.0
+        diff = (a64 - b64).abs().max().item() if a.numel() else 0.0
+        worst = max(worst, diff / max(scale, 1e-12))
+    return worst
+
+
+def _bisect(names: Sequence[str], fails: Callable[[Sequence[str]], bool]) -> list[str]:
+    """The smallest failing subsets found by halving (a failing set whose halves both pass
+    is returned whole: its members only fail together)."""
+    if len(names) <= 1:
+        return list(names)
+    half = len(names) // 2
+    left, right = names[:half], names[half:]
+    out: list[str] = []
+    if fails(left):
+        out += _bisect(left, fails)
+    if fails(right):
+        out += _bisect(right, fails)
+    return out or list(names)

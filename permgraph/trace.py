@@ -1,0 +1,164 @@
+"""Trace an ``nn.Module`` into an fx graph of ATen ops with ``torch.export`` (non-strict).
+
+Every parameter and buffer is an explicit graph input, named back to its state_dict key, so
+no tensor can be forgotten; every node carries its shape (``meta["val"]``) and module path
+(``meta["nn_module_stack"]``).
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind, OutputKind
+
+from permgraph.errors import TraceError
+
+__all__ = ["Traced", "trace", "as_args"]
+
+ExampleInputs = Any  # a Tensor, a tuple of positional args, or a dict of keyword args
+
+
+def as_args(example_inputs: ExampleInputs) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Split example inputs into ``(args, kwargs)``.
+
+    A Tensor is one positional argument, a tuple/list is the positional arguments and a
+    dict the keyword arguments.
+    """
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    return (example_inputs,), {}
+
+
+@dataclass
+class Traced:
+    """The result of :func:`trace`.
+
+    Attributes:
+        program: the ``torch.export.ExportedProgram``.
+        graph_module: its ``fx.GraphModule`` (a graph of ATen ops).
+        params: placeholder name -> state_dict keys of that parameter/buffer (tied weights
+            have several keys).
+        not_in_state_dict: placeholder name -> why (non-persistent buffer, lifted constant).
+        user_inputs: placeholder names of the model's inputs.
+        user_outputs: node names returned to the caller.
+        mutations: output node name -> placeholder name of the buffer it updates.
+        state_shapes: every state_dict key -> shape.
+        seconds: time spent in ``torch.export``.
+    """
+
+    program: ExportedProgram
+    graph_module: torch.fx.GraphModule
+    params: dict[str, tuple[str, ...]]
+    not_in_state_dict: dict[str, str]
+    user_inputs: list[str]
+    user_outputs: list[str]
+    mutations: dict[str, str]
+    state_shapes: dict[str, tuple[int, ...]]
+    seconds: float
+    method: str = "torch.export (non-strict)"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _short(exc: BaseException, limit: int = 1200) -> str:
+    text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def trace(model: torch.nn.Module, example_inputs: ExampleInputs) -> Traced:
+    """Export ``model`` (in eval mode; its mode is restored) on ``example_inputs``.
+
+    Raises:
+        TraceError: the model fails on the inputs, or ``torch.export`` cannot trace it; the
+            message carries the underlying error and what to try.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TraceError(f"expected an nn.Module, got {type(model).__name__}")
+    args, kwargs = as_args(example_inputs)
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    try:
+        try:
+            program = torch.export.export(model, args, kwargs, strict=False)
+        except Exception as exc:  # noqa: BLE001 - diagnose, then re-raise as TraceError
+            try:
+                with torch.no_grad():
+                    model(*args, **kwargs)
+            except Exception as eager:  # noqa: BLE001
+                raise TraceError(
+                    f"{type(model).__name__} fails when called on the example inputs "
+                    f"({_describe(args, kwargs)}): {_short(eager)}\n"
+                    "Pass inputs the model accepts: a Tensor, a tuple of positional arguments "
+                    "or a dict of keyword arguments, with the shapes and dtypes it expects."
+                ) from eager
+            raise TraceError(
+                f"torch.export could not trace {type(model).__name__} "
+                f"(the model itself runs on these inputs): {_short(exc)}\n"
+                "What to try: remove data-dependent Python control flow or .item() calls from "
+                "forward, pass Python flags as constants rather than inputs, for Hugging Face "
+                "causal LMs pass use_cache=False, or trace a submodule."
+            ) from exc
+    finally:
+        model.train(was_training)
+    seconds = time.perf_counter() - t0
+
+    by_id: dict[int, list[str]] = {}
+    state = model.state_dict(keep_vars=True)
+    for key, t in state.items():
+        by_id.setdefault(id(t), []).append(key)
+    named = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+
+    sig = program.graph_signature
+    params: dict[str, tuple[str, ...]] = {}
+    not_in_state: dict[str, str] = {}
+    user_inputs: list[str] = []
+    for spec in sig.input_specs:
+        name = getattr(spec.arg, "name", None)
+        if name is None:
+            continue
+        if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
+            if spec.kind == InputKind.BUFFER and spec.persistent is False:
+                not_in_state[name] = f"non-persistent buffer {spec.target} (not in the state_dict)"
+                continue
+            t = named.get(spec.target)
+            keys = by_id.get(id(t), []) if t is not None else []
+            if spec.target not in keys:
+                keys = [spec.target, *keys] if spec.target in state else keys
+            if not keys:
+                not_in_state[name] = f"{spec.target} is not in the state_dict"
+                continue
+            params[name] = tuple(keys)
+        elif spec.kind == InputKind.USER_INPUT:
+            user_inputs.append(name)
+        else:
+            not_in_state[name] = f"{spec.kind.name.lower()} {spec.target}"
+    user_outputs: list[str] = []
+    mutations: dict[str, str] = {}
+    buffer_placeholder = {s.target: s.arg.name for s in sig.input_specs if s.kind == InputKind.BUFFER}
+    for spec in sig.output_specs:
+        name = getattr(spec.arg, "name", None)
+        if name is None:
+            continue
+        if spec.kind == OutputKind.BUFFER_MUTATION and spec.target in buffer_placeholder:
+            mutations[name] = buffer_placeholder[spec.target]
+        else:
+            user_outputs.append(name)
+    shapes = {k: tuple(int(s) for s in v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return Traced(program, program.graph_module, params, not_in_state, user_inputs, user_outputs, mutations, shapes, seconds)
+
+
+def _describe(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    def one(x: Any) -> str:
+        if isinstance(x, torch.Tensor):
+            return f"Tensor{tuple(x.shape)} {str(x.dtype).replace('torch.', '')}"
+        return type(x).__name__
+
+    parts = [one(a) for a in args] + [f"{k}={one(v)}" for k, v in kwargs.items()]
+    return ", ".join(parts) or "no inputs"
