@@ -214,18 +214,23 @@ def _build_spec(traced: Traced, s: _Solver, unsupported: list[Unsupported]) -> t
 
 
 def _annotate(graph, traced: Traced, s: _Solver, roots: dict[int, str]) -> None:
-    """Write each node's ``groups``: per output dim, the groups that permute it."""
+    """Write each node's ``groups`` (per output dim, the names of the groups that permute it)
+    and ``layouts`` (per output dim, ``(group name, Layout)`` pairs)."""
     for node in traced.graph_module.graph.nodes:
-        per_value = []
+        names, layouts = [], []
         for v in values_of(node):
-            dims = []
+            dims_n, dims_l = [], []
             for a in v.axes:
                 occ: list[tuple[int, Layout]] = []
                 _occurrences(s.u.tree(s.var(a)), 0, 1, (), occ)
-                dims.append(tuple(roots[r] for r, _ in occ if r in roots))
-            per_value.append(tuple(dims))
+                dims_l.append(tuple((roots[r], lay) for r, lay in occ if r in roots))
+                dims_n.append(tuple(dict.fromkeys(n for n, _ in dims_l[-1])))
+            names.append(tuple(dims_n))
+            layouts.append(tuple(dims_l))
         if node.name in graph.nodes:
-            graph.nodes[node.name]["groups"] = per_value[0] if len(per_value) == 1 else tuple(per_value)
+            tup = isinstance(node.meta.get("val"), (list, tuple))
+            graph.nodes[node.name]["groups"] = tuple(names) if tup else (names[0] if names else ())
+            graph.nodes[node.name]["layouts"] = tuple(layouts) if tup else (layouts[0] if layouts else ())
 
 
 def infer(model: torch.nn.Module, example_inputs: Any, *, strict: bool = False) -> PermSpec:

@@ -9,7 +9,8 @@ Nodes are fx node names. Attributes:
 * ``shape``: the output shape (a tuple of shapes for tuple outputs), ``None`` for non-tensors;
 * ``keys``: for parameters, the state_dict keys (several for tied weights);
 * ``groups``: written by :func:`permgraph.infer`: for each output dim, the names of the
-  groups that permute it (empty when fixed).
+  groups that permute it (empty when fixed); a tuple of these per element for tuple outputs;
+* ``layouts``: likewise, ``(group name, Layout)`` pairs: where each group's units sit.
 
 Edges run from an argument to its user, keyed by the argument's position.
 """
