@@ -98,6 +98,7 @@ def analyze(traced: Traced) -> tuple[_Solver, list[Unsupported]]:
     s = _Solver()
     unsupported: list[Unsupported] = []
     nodes = list(traced.graph_module.graph.nodes)
+    by_key: dict[str, torch.fx.Node] = {}
     for node in nodes:
         if node.op == "placeholder":
             if node.name in traced.user_inputs:
@@ -108,6 +109,15 @@ def analyze(traced: Traced) -> tuple[_Solver, list[Unsupported]]:
                 for v in values_of(node):  # give every parameter axis a variable
                     for a in v.axes:
                         s.var(a)
+                # tied weights can reach the graph as several placeholders of one tensor:
+                # they are one tensor, so they get one permutation
+                first = next((by_key[k] for k in traced.params[node.name] if k in by_key), None)
+                if first is not None:
+                    a_val, b_val = value_of_arg(first), value_of_arg(node)
+                    for a, b in zip(a_val.axes, b_val.axes):
+                        s.u.unify(s.var(a), s.var(b), f"tied weights {first.name} = {node.name}")
+                for k in traced.params[node.name]:
+                    by_key.setdefault(k, node)
         elif node.op == "call_function":
             ins, outs = _tensor_inputs(node), values_of(node)
             if not ins and not outs:
@@ -184,10 +194,12 @@ def _build_spec(traced: Traced, s: _Solver, unsupported: list[Unsupported]) -> t
     order = {k: i for i, k in enumerate(traced.state_shapes)}
     found: dict[int, list[Member]] = {}
     nodes = {n.name: n for n in traced.graph_module.graph.nodes}
+    done: set[str] = set()
     for ph, keys in traced.params.items():
         val = value_of_arg(nodes[ph])
-        if val is None:
-            continue
+        if val is None or done.issuperset(keys):
+            continue  # a tied weight already read through another placeholder
+        done.update(keys)
         for a in val.axes:
             occ: list[tuple[int, Layout]] = []
             _occurrences(s.u.tree(s.var(a)), 0, 1, (), occ)

@@ -351,7 +351,7 @@ class PermSpec:
 
                 def error(names: Sequence[str]) -> float:
                     p = self.identity() | {n: perm[n] for n in names}
-                    out = torch.func.functional_call(model, self.apply(p, state, check=False), args, kwargs)
+                    out = torch.func.functional_call(model, self.apply(p, state, check=False), args, kwargs, tie_weights=False)
                     return _rel_error(ref, _flat_outputs(out))
 
                 err = error(self.names)

@@ -175,10 +175,48 @@ class Unifier:
                 elif len(cy) == 1:
                     pairs.append((self.term(kind, cx), cy[0]))
                 else:
-                    sizes_x = [self._size[v] for v in cx]
-                    sizes_y = [self._size[v] for v in cy]
-                    self._conflict(cx + cy, f"{why}: layouts {sizes_x} and {sizes_y} share no boundary")
+                    pairs.extend(self._refine(kind, cx, cy, why))
                 cx, cy = [], []
+        return pairs
+
+    def _refine(self, kind: Kind, cx: list[int], cy: list[int], why: str) -> list[tuple[int, int]]:
+        """Two runs of parts with no inner boundary in common, like ``(2, 768)`` and
+        ``(24, 64)``: split every part at the other run's boundaries (``768 = 12 x 64``,
+        ``24 = 2 x 12``) so that the pieces pair up. Refining a part only restricts it to
+        a subgroup, which is sound; when a product's boundaries do not divide each other
+        there is no common refinement and the parts are blocked."""
+
+        def bounds(vs: list[int]) -> list[int]:
+            out, acc = [], 1 if kind == "prod" else 0
+            for v in vs:
+                acc = acc * self._size[v] if kind == "prod" else acc + self._size[v]
+                out.append(acc)
+            return out
+
+        start = 1 if kind == "prod" else 0
+        cuts = sorted(set(bounds(cx)) | set(bounds(cy)))
+        if kind == "prod" and any(b % a for a, b in zip([start] + cuts, cuts)):
+            sizes_x = [self._size[v] for v in cx]
+            sizes_y = [self._size[v] for v in cy]
+            self._conflict(cx + cy, f"{why}: layouts {sizes_x} and {sizes_y} have no common refinement")
+            return []
+
+        pairs: list[tuple[int, int]] = []
+
+        def pieces(vs: list[int]) -> list[int]:
+            out, lo = [], start
+            for v, hi in zip(vs, bounds(vs)):
+                edges = [lo] + [c for c in cuts if lo < c <= hi]
+                if len(edges) == 2:
+                    out.append(v)
+                else:
+                    parts = [self.new(b // a if kind == "prod" else b - a) for a, b in zip(edges, edges[1:])]
+                    pairs.append((v, self.term(kind, parts)))
+                    out.extend(parts)
+                lo = hi
+            return out
+
+        pairs.extend(zip(pieces(cx), pieces(cy)))
         return pairs
 
     def _conflict(self, vs: list[int], msg: str) -> None:

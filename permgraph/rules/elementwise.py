@@ -19,7 +19,8 @@ _ELEMENTWISE = (
     "aten.detach", "aten.alias", "aten.lift_fresh_copy", "aten._to_copy", "aten.to",
     "aten.type_as", "aten._to_dim_order_copy", "aten.copy", "aten.masked_fill",
     "aten.where", "aten.nan_to_num", "aten.lerp", "aten.addcmul", "aten.addcdiv",
-    "aten.pow", "aten.float_power", "aten.square", "aten.dropout_", "aten.positive",
+    "aten.pow", "aten.float_power", "aten.square", "aten.positive", "aten.__and__", "aten.__or__",
+    "aten.__xor__", "aten.__invert__", "aten.logical_not",
 )
 
 

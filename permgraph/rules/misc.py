@@ -113,3 +113,11 @@ def _triangle(op: OpCall) -> Iterator[Constraint]:
         else:
             yield Tie(x.axis(d), out.axis(d), op.name)
 
+
+
+@rule("aten.arange", "aten.linspace", "aten.logspace", "aten.eye", "aten.randn", "aten.rand",
+      "aten.randint", "aten.randn_like", "aten.rand_like", "aten.randint_like", "aten.randperm")
+def _varying(op: OpCall) -> Iterator[Constraint]:
+    """New tensors whose values differ along their axes (ranges, random draws): they stay put."""
+    yield from (Free(a) for x in op.inputs() for a in x.axes)  # read for shape/dtype only
+    yield from block_all(op.outputs, f"{op.name}: values depend on position")

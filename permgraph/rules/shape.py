@@ -187,3 +187,40 @@ def _index_select(op: OpCall) -> Iterator[Constraint]:
     for d in range(x.ndim):
         if d != dim:
             yield Tie(x.axis(d), out.axis(d), "index_select: other dims")
+
+
+@rule("aten.roll")
+def _roll(op: OpCall) -> Iterator[Constraint]:
+    x, out = op.tensor("self"), op.out
+    dims = [norm_dim(int(d), x.ndim) for d in (op.args.get("dims") or [])] or list(range(x.ndim))
+    for d in range(x.ndim):
+        if d in dims:  # a roll over every dim (dims=[]) acts on the flattened tensor
+            yield Block(x.axis(d), "roll: shifts positions along this dim")
+            yield Block(out.axis(d), "roll: shifts positions along this dim")
+        else:
+            yield Tie(x.axis(d), out.axis(d), "roll: other dims")
+
+
+@rule("aten.index")
+def _index(op: OpCall) -> Iterator[Constraint]:
+    """``x[..., idx, ...]`` with index tensors: indexed dims are picked arbitrarily (blocked);
+    dims before and after a contiguous run of indexed dims keep their place and tie."""
+    x, out = op.tensor("self"), op.out
+    idx = list(op.args["indices"])
+    used = [d for d, i in enumerate(idx) if i is not None]
+    index_values = [t for t in op.tensors("indices") if t is not None]
+    for t in index_values:
+        yield from (Block(a, "index: index tensor") for a in t.axes)
+    yield from (Block(x.axis(d), "index: arbitrary positions picked along this dim") for d in used)
+    contiguous = used and used == list(range(used[0], used[-1] + 1))
+    n_bcast = out.ndim - (x.ndim - len(used))
+    if not contiguous or n_bcast < 0:
+        yield from (Block(a, "index: non-contiguous advanced indexing") for a in x.axes + out.axes)
+        return
+    before, after = list(range(used[0])), list(range(used[-1] + 1, x.ndim))
+    for d in before:
+        yield Tie(x.axis(d), out.axis(d), "index: dims before the indexed ones")
+    for k in range(n_bcast):
+        yield Block(out.axis(len(before) + k), "index: picked positions")
+    for j, d in enumerate(after):
+        yield Tie(x.axis(d), out.axis(len(before) + n_bcast + j), "index: dims after the indexed ones")

@@ -1,0 +1,154 @@
+"""Helpers to test permutation specs: a model zoo built without downloads, norm-statistics
+randomisation (so a forgotten buffer shows), and a one-call soundness check.
+
+The zoo needs the optional extras (``vision`` for torchvision/timm, ``hf`` for
+transformers); entries whose library is missing raise ImportError when built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["ZooEntry", "ZOO", "randomize_norm_stats", "check_sound"]
+
+
+def randomize_norm_stats(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
+    """Give every norm layer random affine parameters and running statistics, and every
+    constant parameter random values (in place).
+
+    Freshly built models have BatchNorm ``running_mean = 0``, ``running_var = 1`` and
+    ``weight = 1``, and often zero-initialised output heads: a spec that forgot to permute
+    such tensors would still pass the oracle. After this, it cannot.
+    """
+    g = generator or torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():  # zero-initialised heads, constant layer scales, ...
+            if p.is_floating_point() and p.numel() > 1 and bool((p == p.flatten()[0]).all()):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1 + p)
+        for m in model.modules():
+            is_norm = isinstance(m, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)) or "Norm" in type(m).__name__
+            if not is_norm:
+                continue
+            for name, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
+                if not t.is_floating_point():
+                    continue
+                if name in ("weight", "running_var") or "var" in name:
+                    t.copy_(torch.rand(t.shape, generator=g) * 1.5 + 0.5)
+                else:
+                    t.copy_(torch.randn(t.shape, generator=g) * 0.5)
+    return model
+
+
+def check_sound(model: nn.Module, example_inputs: Any, *, rtol: float = 1e-4, seed: int = 0):
+    """``infer`` + ``lint`` + ``verify`` with norm statistics randomised first.
+
+    Returns:
+        ``(spec, error)``: the PermSpec and the relative output error after a random
+        permutation of every group.
+
+    Raises:
+        VerificationError: a group is not a symmetry (the message names it).
+    """
+    from permgraph.analysis import infer
+
+    randomize_norm_stats(model, torch.Generator().manual_seed(seed))
+    model.eval()
+    spec = infer(model, example_inputs)
+    spec.lint()
+    err = spec.verify(model, example_inputs, rtol=rtol, generator=torch.Generator().manual_seed(seed))
+    return spec, err
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """A model of the zoo: how to build it, an input for it, and a hand-counted floor of groups."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    inputs: Callable[[], Any]
+    floor: int
+    needs: str = ""
+
+
+def _tv(name: str, **kw: Any) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import torchvision
+
+        torch.manual_seed(0)
+        return getattr(torchvision.models, name)(weights=None, **kw)
+
+    return build
+
+
+def _timm(name: str, **kw: Any) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import timm
+
+        torch.manual_seed(0)
+        return timm.create_model(name, pretrained=False, **kw)
+
+    return build
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)
+    )
+
+
+def _gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32, tie_word_embeddings=True)
+    return GPT2LMHeadModel(cfg)
+
+
+def _bert() -> nn.Module:
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128, vocab_size=100,
+        max_position_embeddings=32,
+    )
+    return BertModel(cfg, add_pooling_layer=False)
+
+
+def _ids() -> dict[str, Any]:
+    return {"input_ids": torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0)), "use_cache": False}
+
+
+def _bert_ids() -> dict[str, Any]:
+    return {"input_ids": torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))}
+
+
+def _img(size: int) -> Callable[[], torch.Tensor]:
+    return lambda: torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+ZOO: dict[str, ZooEntry] = {
+    e.name: e
+    for e in [
+        ZooEntry("mlp", _mlp, lambda: torch.randn(4, 64, generator=torch.Generator().manual_seed(0)), 3),
+        ZooEntry("resnet18", _tv("resnet18"), _img(64), 12, "torchvision"),
+        ZooEntry("resnet50", _tv("resnet50"), _img(64), 37, "torchvision"),
+        ZooEntry("vgg11_bn", _tv("vgg11_bn"), _img(32), 10, "torchvision"),
+        ZooEntry("mobilenet_v2", _tv("mobilenet_v2"), _img(64), 25, "torchvision"),
+        ZooEntry("efficientnet_b0", _tv("efficientnet_b0"), _img(64), 40, "torchvision"),
+        ZooEntry("densenet121", _tv("densenet121"), _img(64), 120, "torchvision"),
+        ZooEntry("convnext_tiny", _tv("convnext_tiny"), _img(64), 22, "torchvision"),
+        ZooEntry("vit_b_16", _tv("vit_b_16", image_size=32), _img(32), 13, "torchvision"),
+        ZooEntry("swin_t", _tv("swin_t"), _img(64), 16, "torchvision"),
+        ZooEntry("timm_resnet26d", _timm("resnet26d"), _img(64), 23, "timm"),
+        ZooEntry("timm_vit_tiny", _timm("vit_tiny_patch16_224", img_size=32), _img(32), 13, "timm"),
+        ZooEntry("gpt2", _gpt2, _ids, 3, "transformers"),
+        ZooEntry("bert", _bert, _bert_ids, 2, "transformers"),
+    ]
+}
