@@ -106,7 +106,8 @@ def _gpt2() -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32, tie_word_embeddings=True)
+    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32, tie_word_embeddings=True,
+                     bos_token_id=0, eos_token_id=0)
     return GPT2LMHeadModel(cfg)
 
 
