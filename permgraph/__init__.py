@@ -1,5 +1,6 @@
 """permgraph: find, apply and use the permutation symmetries of any PyTorch model."""
 
+from permgraph.analysis import infer
 from permgraph.errors import (
     LapError,
     PermGraphError,
@@ -9,7 +10,6 @@ from permgraph.errors import (
     UnsupportedOpError,
     VerificationError,
 )
-from permgraph.analysis import infer
 from permgraph.rules import rule
 from permgraph.spec import Group, Layout, Member, PermSpec, Permutation, Unsupported
 from permgraph.trace import trace

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import operator
 import time
 from collections.abc import Iterable
@@ -14,7 +15,6 @@ from permgraph.graph import build_graph, module_path
 from permgraph.rules import (
     Axis,
     Block,
-    Cat,
     Constraint,
     Free,
     Fresh,
@@ -35,7 +35,7 @@ __all__ = ["infer", "analyze"]
 
 
 class _Solver:
-    """Feeds rule constraints into a :class:`Unifier`, one variable per tensor axis."""
+    """Feeds rule constraints into a `Unifier`, one variable per tensor axis."""
 
     def __init__(self) -> None:
         self.u = Unifier()
@@ -60,8 +60,11 @@ class _Solver:
         kind = "prod" if isinstance(t, Prod) else "cat"
         return self.u.term(kind, [self.term(p, fresh, mentioned) for p in t.parts])
 
-    def apply(self, constraints: Iterable[Constraint], where: str) -> set[Axis]:
+    def apply(self, constraints: Iterable[Constraint], where: str) -> tuple[set[Axis], list[str]]:
+        """Feed one call's constraints; returns the axes they mention and the reasons of
+        blocks the rule reported as not understood."""
         mentioned: set[Axis] = set()
+        reported: list[str] = []
         fresh: dict[tuple[str, int], int] = {}
         for c in constraints:
             if isinstance(c, Tie):
@@ -69,11 +72,13 @@ class _Solver:
                 self.u.unify(a, b, f"{c.why} @ {where}")
             elif isinstance(c, Block):
                 self.u.block(self.term(c.a, fresh, mentioned), f"{c.reason} @ {where}")
+                if c.report and c.reason not in reported:
+                    reported.append(c.reason)
             elif isinstance(c, Free):
                 self.term(c.a, fresh, mentioned)
             else:  # pragma: no cover - rules are typed
                 raise TypeError(f"a rule returned {c!r}, not a Tie/Block/Free")
-        return mentioned
+        return mentioned, reported
 
     def block_value(self, node: torch.fx.Node, reason: str) -> None:
         for v in values_of(node):
@@ -129,13 +134,17 @@ def analyze(traced: Traced) -> tuple[_Solver, list[Unsupported]]:
                 reason = "no rule for this op"
             else:
                 try:
-                    mentioned = s.apply(list(constraints_for(node, fn)), where)
+                    mentioned, reported = s.apply(list(constraints_for(node, fn)), where)
                 except Exception as exc:  # noqa: BLE001 - a rule that cannot read a call blocks it
                     reason = f"the rule could not read this call ({type(exc).__name__}: {exc})"
                 else:
                     missed = [a for v in ins + outs for a in v.axes if a not in mentioned]
                     for a in missed:
                         s.u.block(s.var(a), f"{op_name(node.target)} left this axis unexplained @ {where}")
+                    if missed:
+                        reported.append(f"the rule left {len(missed)} axis/axes unexplained (blocked)")
+                    if reported:
+                        unsupported.append(Unsupported(node.name, op_name(node.target), module_path(node), "; ".join(reported)))
             if reason is not None:
                 for v in ins + outs:
                     for a in v.axes:
@@ -159,28 +168,27 @@ def analyze(traced: Traced) -> tuple[_Solver, list[Unsupported]]:
     return s, unsupported
 
 
-def _occurrences(t: Leaf | Tree, offset: int, scale: int, repeats: tuple[tuple[int, int], ...], out: list) -> None:
-    """Walk a resolved layout tree: every unblocked leaf of >1 unit is a group occurrence."""
+def _occurrences(t: Leaf | Tree, offset: int, scale: int, repeats: tuple[tuple[int, int], ...], out: list,
+                 above: tuple[int, ...] = ()) -> None:
+    """Walk a resolved layout tree: every unblocked leaf of >1 unit is a group occurrence,
+    recorded as ``(root, layout, roots of the refined variables above it)``."""
     if isinstance(t, Leaf):
         if not t.blocked and t.size > 1:
-            out.append((t.root, Layout(offset, scale, repeats)))
+            out.append((t.root, Layout(offset, scale, repeats), above))
         return
+    above = above + (t.root,)
     if t.kind == "cat":
         start = 0
         for p in t.parts:
-            _occurrences(p, offset + start * scale, scale, repeats, out)
+            _occurrences(p, offset + start * scale, scale, repeats, out, above)
             start += p.size
         return
     sizes = [p.size for p in t.parts]
     for i, p in enumerate(t.parts):
-        left = 1
-        for s_ in sizes[:i]:
-            left *= s_
-        right = 1
-        for s_ in sizes[i + 1:]:
-            right *= s_
+        left = math.prod(sizes[:i])
+        right = math.prod(sizes[i + 1:])
         reps = repeats + (((left, sizes[i] * right * scale),) if left > 1 else ())
-        _occurrences(p, offset, scale * right, reps, out)
+        _occurrences(p, offset, scale * right, reps, out, above)
 
 
 def _base_name(key: str) -> str:
@@ -193,6 +201,7 @@ def _base_name(key: str) -> str:
 def _build_spec(traced: Traced, s: _Solver, unsupported: list[Unsupported]) -> tuple[PermSpec, dict[int, str]]:
     order = {k: i for i, k in enumerate(traced.state_shapes)}
     found: dict[int, list[Member]] = {}
+    parents: dict[int, set[int]] = {}
     nodes = {n.name: n for n in traced.graph_module.graph.nodes}
     done: set[str] = set()
     for ph, keys in traced.params.items():
@@ -201,9 +210,10 @@ def _build_spec(traced: Traced, s: _Solver, unsupported: list[Unsupported]) -> t
             continue  # a tied weight already read through another placeholder
         done.update(keys)
         for a in val.axes:
-            occ: list[tuple[int, Layout]] = []
+            occ: list = []
             _occurrences(s.u.tree(s.var(a)), 0, 1, (), occ)
-            for root, layout in occ:
+            for root, layout, above in occ:
+                parents.setdefault(root, set()).update(above)
                 for key in keys:
                     found.setdefault(root, []).append(Member(key, a.dim, layout))
     ranked = []
@@ -215,11 +225,14 @@ def _build_spec(traced: Traced, s: _Solver, unsupported: list[Unsupported]) -> t
     roots: dict[int, str] = {}
     used: dict[str, int] = {}
     for *_, root, members in ranked:
-        producer = next((m for m in members if m.axis == 0), members[0])
-        base = _base_name(producer.key)
+        base = _base_name(members[0].key)
         used[base] = used.get(base, 0) + 1
         name = base if used[base] == 1 else f"{base}#{used[base]}"
-        why = tuple(dict.fromkeys(s.u.why(root)))
+        # a part of a refined axis (heads, groups of a grouped conv) was tied through it
+        whys = list(s.u.why(root))
+        for p in sorted(parents.get(root, ())):
+            whys += s.u.why(p)
+        why = tuple(dict.fromkeys(whys))
         groups.append(Group(name, s.u.size(root), tuple(members), why))
         roots[root] = name
     return PermSpec(tuple(groups), tuple(unsupported), dict(traced.state_shapes)), roots
@@ -233,9 +246,9 @@ def _annotate(graph, traced: Traced, s: _Solver, roots: dict[int, str]) -> None:
         for v in values_of(node):
             dims_n, dims_l = [], []
             for a in v.axes:
-                occ: list[tuple[int, Layout]] = []
+                occ: list = []
                 _occurrences(s.u.tree(s.var(a)), 0, 1, (), occ)
-                dims_l.append(tuple((roots[r], lay) for r, lay in occ if r in roots))
+                dims_l.append(tuple((roots[r], lay) for r, lay, _ in occ if r in roots))
                 dims_n.append(tuple(dict.fromkeys(n for n, _ in dims_l[-1])))
             names.append(tuple(dims_n))
             layouts.append(tuple(dims_l))
@@ -253,18 +266,18 @@ def infer(model: torch.nn.Module, example_inputs: Any, *, strict: bool = False) 
         model: any ``nn.Module``; traced in eval mode (its mode is restored).
         example_inputs: a Tensor, a tuple of positional arguments or a dict of keyword
             arguments, as the model's forward takes them.
-        strict: raise :class:`~permgraph.errors.UnsupportedOpError` if any op had to be
+        strict: raise `UnsupportedOpError` if any op had to be
             blocked for want of a rule, instead of reporting it in ``spec.unsupported``.
 
     Returns:
-        The :class:`~permgraph.spec.PermSpec`. ``spec.graph`` holds the networkx graph, with
+        The `PermSpec`. ``spec.graph`` holds the networkx graph, with
         each node's ``groups`` attribute naming the groups that permute each output dim.
 
     Raises:
         TraceError: the model cannot be traced on these inputs.
         UnsupportedOpError: with ``strict=True``, when an op has no rule.
 
-    Example:
+    Examples:
         >>> import torch, permgraph
         >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
         >>> spec = permgraph.infer(mlp, torch.randn(3, 4))

@@ -26,7 +26,7 @@ class UnsupportedOpError(PermGraphError):
 
 
 class SpecMismatchError(PermGraphError, ValueError):
-    """A state_dict, a file or a permutation does not match the :class:`~permgraph.PermSpec`."""
+    """A state_dict, a file or a permutation does not match the `PermSpec`."""
 
 
 class PermutationError(PermGraphError, ValueError):

@@ -8,7 +8,7 @@ Nodes are fx node names. Attributes:
 * ``module``: the innermost module path that called it (``"layer1.0.conv1"``), or ``""``;
 * ``shape``: the output shape (a tuple of shapes for tuple outputs), ``None`` for non-tensors;
 * ``keys``: for parameters, the state_dict keys (several for tied weights);
-* ``groups``: written by :func:`permgraph.infer`: for each output dim, the names of the
+* ``groups``: written by `infer`: for each output dim, the names of the
   groups that permute it (empty when fixed); a tuple of these per element for tuple outputs;
 * ``layouts``: likewise, ``(group name, Layout)`` pairs: where each group's units sit.
 

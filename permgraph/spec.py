@@ -1,7 +1,7 @@
 """PermSpec: the permutation groups of a model, and how to apply them to a state_dict.
 
 A group is an unknown permutation of ``size`` units. Each member says where those units sit
-in one axis of one state_dict tensor (its :class:`Layout`): unit ``u`` occupies positions
+in one axis of one state_dict tensor (its `Layout`): unit ``u`` occupies positions
 ``offset + Σ_k r_k * stride_k + u * block + j`` for ``j < block`` and every repeat index
 ``r_k < count_k``. A Linear's output rows are ``Layout()``; a Linear after a flatten of
 ``C x H x W`` sees channel ``u`` as a block of ``H*W`` columns (``Layout(block=H*W)``); a slice
@@ -115,7 +115,7 @@ class Unsupported:
 
 @dataclass
 class PermSpec:
-    """The permutation groups of an architecture (see :func:`permgraph.infer`).
+    """The permutation groups of an architecture (see `infer`).
 
     It depends on state_dict names and shapes only, so it applies to any state_dict of the
     same architecture.
@@ -125,7 +125,7 @@ class PermSpec:
         unsupported: ops whose axes were blocked, with the reason.
         shapes: every state_dict key and its shape.
         graph: the ``networkx`` graph it was derived from (not serialised), or None.
-        traced: the :class:`~permgraph.trace.Traced` program (not serialised), or None.
+        traced: the `Traced` program (not serialised), or None.
     """
 
     groups: tuple[Group, ...]
@@ -177,7 +177,7 @@ class PermSpec:
         return {k: first[k][then[k].to(first[k].device)] for k in first}
 
     def check_permutation(self, perm: Mapping[str, torch.Tensor]) -> None:
-        """Raise :class:`PermutationError` unless ``perm`` is a bijection for every group."""
+        """Raise `PermutationError` unless ``perm`` is a bijection for every group."""
         names = set(self.names)
         missing = [n for n in self.names if n not in perm]
         extra = [k for k in perm if k not in names]
@@ -202,7 +202,7 @@ class PermSpec:
 
     # -- state dicts -------------------------------------------------------------------
     def check_state_dict(self, state_dict: Mapping[str, Any], what: str = "state_dict") -> None:
-        """Raise :class:`SpecMismatchError` unless keys and shapes match the spec."""
+        """Raise `SpecMismatchError` unless keys and shapes match the spec."""
         missing = [k for k in self.shapes if k not in state_dict]
         extra = [k for k in state_dict if k not in self.shapes]
         if missing or extra:
@@ -329,7 +329,7 @@ class PermSpec:
     ) -> float:
         """The oracle: permute every group at random and check the outputs do not change.
 
-        Runs the model in eval mode with :func:`torch.func.functional_call` (the model is not
+        Runs the model in eval mode with `functional_call` (the model is not
         modified). Returns the relative max error (``max|y - y'| / max|y|``).
 
         Raises:
@@ -339,20 +339,25 @@ class PermSpec:
         from permgraph.trace import as_args
 
         args, kwargs = as_args(example_inputs)
-        state = {k: v for k, v in model.state_dict().items()}
+        # a snapshot: a forward that updates buffers in place must not leak into later runs
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.check_state_dict(state, "model.state_dict()")
         perm = self.random_permutation(generator) if perm is None else perm
         self.check_permutation(perm)
         was_training = model.training
         model.eval()
+
+        def run(sd: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+            fresh = {k: v.clone() for k, v in sd.items()}
+            return _flat_outputs(torch.func.functional_call(model, fresh, args, kwargs, tie_weights=False))
+
         try:
             with torch.no_grad():
-                ref = _flat_outputs(model(*args, **kwargs))
+                ref = run(state)
 
                 def error(names: Sequence[str]) -> float:
                     p = self.identity() | {n: perm[n] for n in names}
-                    out = torch.func.functional_call(model, self.apply(p, state, check=False), args, kwargs, tie_weights=False)
-                    return _rel_error(ref, _flat_outputs(out))
+                    return _rel_error(ref, run(self.apply(p, state, check=False)))
 
                 err = error(self.names)
                 if not err <= rtol:
@@ -375,7 +380,7 @@ class PermSpec:
         """A readable table of the groups and the blocked-op report."""
         lines = [f"PermSpec: {len(self.groups)} groups, {self.num_units} permutable units"]
         if self.groups:
-            w = max(len(g.name) for g in self.groups)
+            w = max(len("group"), *(len(g.name) for g in self.groups))
             lines.append(f"  {'group':<{w}}  {'size':>5}  members / why")
             for g in self.groups:
                 mem = ", ".join(str(m) for m in g.members[:max_members])
@@ -394,7 +399,7 @@ class PermSpec:
         return self.table()
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-able dict; :meth:`from_dict` reads it back."""
+        """A JSON-able dict; `from_dict` reads it back."""
         return {
             "format": "permgraph.PermSpec",
             "version": FORMAT_VERSION,
@@ -417,7 +422,7 @@ class PermSpec:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PermSpec:
-        """Rebuild a spec from :meth:`to_dict` output.
+        """Rebuild a spec from `to_dict` output.
 
         Raises:
             SpecMismatchError: the dict is not a permgraph spec of a known version.
@@ -432,7 +437,7 @@ class PermSpec:
                     g["name"],
                     int(g["size"]),
                     tuple(
-                        Member(m["key"], int(m["axis"]), Layout(int(m["offset"]), int(m["block"]), tuple(tuple(map(int, r)) for r in m["repeats"])))  # type: ignore[misc]
+                        Member(m["key"], int(m["axis"]), Layout(int(m["offset"]), int(m["block"]), tuple(_pair(r) for r in m["repeats"])))
                         for m in g["members"]
                     ),
                     tuple(g.get("why", ())),
@@ -441,7 +446,7 @@ class PermSpec:
             )
             unsupported = tuple(Unsupported(**u) for u in data.get("unsupported", ()))
             shapes = {k: tuple(int(s) for s in v) for k, v in data["shapes"].items()}
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise SpecMismatchError(f"malformed PermSpec dict: {exc!r}") from exc
         return cls(groups, unsupported, shapes)
 
@@ -454,6 +459,11 @@ class PermSpec:
 
         core = [[g.name, g.size, [[m.key, m.axis, m.layout.offset, m.layout.block, [list(r) for r in m.layout.repeats]] for m in g.members]] for g in self.groups]
         return hashlib.sha256(json.dumps(core).encode()).hexdigest()[:16]
+
+
+def _pair(r: Any) -> tuple[int, int]:
+    count, stride = r  # ValueError / TypeError unless a pair
+    return int(count), int(stride)
 
 
 def _describe(x: Any) -> str:

@@ -38,7 +38,7 @@ def as_args(example_inputs: ExampleInputs) -> tuple[tuple[Any, ...], dict[str, A
 
 @dataclass
 class Traced:
-    """The result of :func:`trace`.
+    """The result of `trace`.
 
     Attributes:
         program: the ``torch.export.ExportedProgram``.
@@ -79,7 +79,10 @@ def trace(model: torch.nn.Module, example_inputs: ExampleInputs) -> Traced:
             message carries the underlying error and what to try.
     """
     if not isinstance(model, torch.nn.Module):
-        raise TraceError(f"expected an nn.Module, got {type(model).__name__}")
+        raise TraceError(
+            f"expected an nn.Module, got {type(model).__name__}; wrap a function in an nn.Module "
+            "whose forward calls it, with its weights as parameters or buffers"
+        )
     args, kwargs = as_args(example_inputs)
     was_training = model.training
     model.eval()

@@ -1,4 +1,4 @@
-"""Unification of axis layouts: the solver behind :func:`permgraph.infer`.
+"""Unification of axis layouts: the solver behind `infer`.
 
 Every tensor axis gets a *variable* standing for the unknown permutation of its units.
 A rule ties variables (same permutation) or *refines* one into a row-major product
@@ -40,12 +40,13 @@ class Tree:
     kind: Kind
     parts: tuple[Leaf | Tree, ...]
     size: int
+    root: int = -1
 
 
 class Unifier:
     """Union-find over axis variables with product/concat refinements.
 
-    Example:
+    Examples:
         >>> u = Unifier()
         >>> e, h, d = u.new(12), u.new(3), u.new(4)
         >>> u.unify(e, u.term("prod", [h, d]), why="view")
@@ -256,4 +257,4 @@ class Unifier:
         t = self._term.get(r)
         if t is None:
             return Leaf(r, self._size[r], self.is_blocked(r))
-        return Tree(t[0], tuple(self.tree(p) for p in t[1]), self._size[r])
+        return Tree(t[0], tuple(self.tree(p) for p in t[1]), self._size[r], r)

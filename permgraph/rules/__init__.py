@@ -1,11 +1,11 @@
 """Per-op rules: how each ATen op constrains the permutations of its tensors' axes.
 
 A rule is a plain function ``rule(op: OpCall) -> Iterable[Constraint]`` registered for one or
-more op names with :func:`rule`. It reads one graph node and *returns* constraints between
+more op names with `rule`. It reads one graph node and *returns* constraints between
 axes; it never mutates anything. The constraints:
 
 * ``Tie(a, b)``: ``a`` and ``b`` receive the same permutation. Either side may be an
-  :class:`Axis` or a layout built from axes: ``Prod(...)`` (row-major product, as a reshape
+  `Axis` or a layout built from axes: ``Prod(...)`` (row-major product, as a reshape
   merges axes) or ``Cat(...)`` (concatenation, as ``torch.cat`` or a slice sees it).
 * ``Block(a, reason)``: ``a`` must never be permuted (the op orders or mixes its units).
 * ``Free(a)``: the op does not care how ``a`` is permuted (a reduction sums over it, or the
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Union
+from typing import Any, Protocol
 
 import torch
 import torch.fx
@@ -91,11 +91,13 @@ class Cat:
         object.__setattr__(self, "parts", tuple(parts))
 
 
-Term = Union[Axis, Fresh, Prod, Cat]
+Term = Axis | Fresh | Prod | Cat
 
 
 @dataclass(frozen=True)
 class Tie:
+    """``a`` and ``b`` receive the same permutation; ``why`` is recorded as provenance."""
+
     a: Term
     b: Term
     why: str = ""
@@ -103,16 +105,23 @@ class Tie:
 
 @dataclass(frozen=True)
 class Block:
+    """``a`` must never be permuted. ``report=True`` marks a use the rule does not
+    understand (rather than an op that orders its units by nature): the op is then listed
+    in ``spec.unsupported``."""
+
     a: Term
     reason: str
+    report: bool = False
 
 
 @dataclass(frozen=True)
 class Free:
+    """The op does not care how ``a`` is permuted."""
+
     a: Term
 
 
-Constraint = Union[Tie, Block, Free]
+Constraint = Tie | Block | Free
 
 
 @dataclass(frozen=True)
@@ -124,9 +133,11 @@ class TensorValue:
 
     @property
     def ndim(self) -> int:
+        """Number of dims."""
         return len(self.shape)
 
     def axis(self, d: int) -> Axis:
+        """Dim ``d`` (negative counts from the end)."""
         d = d + self.ndim if d < 0 else d
         if not 0 <= d < self.ndim:
             raise IndexError(f"dim {d} out of range for a tensor of shape {self.shape}")
@@ -134,6 +145,7 @@ class TensorValue:
 
     @property
     def axes(self) -> list[Axis]:
+        """Every dim, in order."""
         return [self.axis(d) for d in range(self.ndim)]
 
 
@@ -191,6 +203,7 @@ class OpCall:
         return self.outputs[0]
 
     def output(self, i: int) -> TensorValue | None:
+        """Tensor output number ``i`` (of a tuple-returning op), or None."""
         for v in self.outputs:
             if v.value[1] == i or (v.value[1] is None and i == 0):
                 return v
@@ -215,6 +228,8 @@ class OpCall:
 
 
 class Rule(Protocol):
+    """A rule: reads one call, returns its constraints."""
+
     def __call__(self, op: OpCall) -> Iterable[Constraint]: ...
 
 

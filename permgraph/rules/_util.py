@@ -14,7 +14,7 @@ def broadcast(inputs: Sequence[TensorValue | None], out: TensorValue, why: str) 
         if x is None:
             continue
         if x.ndim > out.ndim:
-            yield from (Block(a, f"{why}: input has more dims than the output") for a in x.axes)
+            yield from (Block(a, f"{why}: input has more dims than the output", True) for a in x.axes)
             continue
         for d in range(1, x.ndim + 1):
             xa, oa = x.axis(-d), out.axis(-d)
@@ -23,13 +23,13 @@ def broadcast(inputs: Sequence[TensorValue | None], out: TensorValue, why: str) 
             elif xa.size == 1:
                 yield Free(xa)
             else:
-                yield Block(xa, f"{why}: size {xa.size} does not broadcast to {oa.size}")
+                yield Block(xa, f"{why}: size {xa.size} does not broadcast to {oa.size}", True)
 
 
 def tie_all(x: TensorValue, y: TensorValue, why: str) -> Iterator[Constraint]:
     """Tie dim d of ``x`` to dim d of ``y`` for every d (same shape expected)."""
     if x.shape != y.shape:
-        yield from (Block(a, f"{why}: shapes {x.shape} and {y.shape} differ") for a in x.axes + y.axes)
+        yield from (Block(a, f"{why}: shapes {x.shape} and {y.shape} differ", True) for a in x.axes + y.axes)
         return
     for a, b in zip(x.axes, y.axes):
         yield Tie(a, b, why)
@@ -40,7 +40,7 @@ def tie_except(x: TensorValue, y: TensorValue, skip: set[int], why: str) -> Iter
     (which ``y`` does not have)."""
     kept = [d for d in range(x.ndim) if d not in skip]
     if len(kept) != y.ndim:
-        yield from (Block(a, f"{why}: unexpected output rank") for a in x.axes + y.axes)
+        yield from (Block(a, f"{why}: unexpected output rank", True) for a in x.axes + y.axes)
         return
     for dx, dy in zip(kept, range(y.ndim)):
         yield Tie(x.axis(dx), y.axis(dy), why)
@@ -58,10 +58,11 @@ def reshape(x: TensorValue, y: TensorValue, why: str) -> Iterator[Constraint]:
         yield Tie(Prod(*xs), Prod(*ys), why)
 
 
-def block_all(values: Sequence[TensorValue | None], reason: str) -> Iterator[Constraint]:
+def block_all(values: Sequence[TensorValue | None], reason: str, report: bool = False) -> Iterator[Constraint]:
+    """Block every axis of ``values``; ``report=True`` lists the op in ``spec.unsupported``."""
     for v in values:
         if v is not None:
-            yield from (Block(a, reason) for a in v.axes)
+            yield from (Block(a, reason, report) for a in v.axes)
 
 
 def norm_dim(d: int, ndim: int) -> int:

@@ -8,7 +8,7 @@ from permgraph.rules import Cat, Constraint, Free, OpCall, Tie, rule
 from permgraph.rules._util import broadcast, tie_all
 
 # Ops that act element by element but that ATen does not tag ``pointwise``
-# (ops tagged pointwise reach ``_pointwise`` through :func:`permgraph.rules.lookup`).
+# (ops tagged pointwise reach ``_pointwise`` through `lookup`).
 _ELEMENTWISE = (
     "aten.hardswish", "aten.hardsigmoid", "aten.relu6", "aten.hardtanh", "aten.silu",
     "aten.mish", "aten.softplus", "aten.elu", "aten.selu", "aten.celu", "aten.gelu",

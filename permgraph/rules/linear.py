@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-from permgraph.rules import Block, Constraint, Free, OpCall, TensorValue, Tie, rule
-from permgraph.rules._util import broadcast, block_all
+from permgraph.rules import Constraint, Free, OpCall, TensorValue, Tie, rule
+from permgraph.rules._util import block_all, broadcast
 
 
 def einsum_ties(
@@ -21,7 +21,7 @@ def einsum_ties(
     by_letter: dict[str, list] = {}
     for sub, x in zip(subs, operands):
         if len(set(sub)) != len(sub):
-            yield from block_all([x], f"{why}: repeated index in {sub!r}")
+            yield from block_all([x], f"{why}: repeated index in {sub!r}", report=True)
             continue
         for letter, a in zip(sub, x.axes):
             by_letter.setdefault(letter, []).append(a)
@@ -60,7 +60,7 @@ def _matmul_subs(a: TensorValue, b: TensorValue) -> tuple[str, str, str]:
 def _matmul(a: TensorValue, b: TensorValue, out: TensorValue, why: str) -> Iterator[Constraint]:
     sa, sb, so = _matmul_subs(a, b)
     if len(so) != out.ndim:
-        yield from block_all([a, b, out], f"{why}: unexpected output rank")
+        yield from block_all([a, b, out], f"{why}: unexpected output rank", report=True)
         return
     # broadcast batch letters of unequal size (1 vs n) are handled by einsum_ties as free
     yield from einsum_ties([sa, sb], [a, b], so, out, why)
@@ -107,9 +107,17 @@ def _outer(op: OpCall) -> Iterator[Constraint]:
 def _einsum(op: OpCall) -> Iterator[Constraint]:
     eq = op.args["equation"].replace(" ", "")
     operands = op.tensors("tensors")
-    lhs, _, rhs = eq.partition("->")
+    lhs, arrow, rhs = eq.partition("->")
     subs = lhs.split(",")
-    if "->" not in eq or "." in eq or any(o is None for o in operands) or len(subs) != len(operands):
-        yield from block_all([*operands, op.out], f"einsum {eq!r}: only explicit '->' without '...' is understood")
+    if any(o is None for o in operands) or len(subs) != len(operands):
+        yield from block_all([*operands, op.out], f"einsum {eq!r}: operands not understood", report=True)
         return
+    if not arrow:  # implicit output: the letters used once, in alphabetical order
+        letters = "".join(subs).replace(".", "")
+        rhs = ("..." if "..." in lhs else "") + "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    # spell out "..." with fresh upper-case letters, broadcast from the right
+    n_ell = max((x.ndim - len(sub.replace("...", "")) for sub, x in zip(subs, operands) if "..." in sub), default=0)
+    ell = "".join(chr(ord("A") + i) for i in range(n_ell))
+    subs = [sub.replace("...", ell[n_ell - (x.ndim - len(sub.replace("...", ""))):]) for sub, x in zip(subs, operands)]
+    rhs = rhs.replace("...", ell)
     yield from einsum_ties(subs, operands, rhs, op.out, f"einsum {eq}")

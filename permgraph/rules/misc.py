@@ -34,7 +34,7 @@ def _spatial(op: OpCall, k: int, why: str) -> Iterator[Constraint]:
     for out in op.outputs:
         lead = x.ndim - k
         if out.ndim != x.ndim:
-            yield from block_all([x, out], f"{why}: unexpected output rank")
+            yield from block_all([x, out], f"{why}: unexpected output rank", report=True)
             continue
         for d in range(lead):
             yield Tie(x.axis(d), out.axis(d), why)

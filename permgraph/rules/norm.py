@@ -31,7 +31,7 @@ def _batch_norm(op: OpCall) -> Iterator[Constraint]:
         elif extra.ndim == 1 and extra.shape[0] == 0:
             yield Free(extra.axis(0))
         else:
-            yield from (Block(a, f"{why}: statistics of unexpected shape") for a in extra.axes)
+            yield from (Block(a, f"{why}: statistics of unexpected shape", True) for a in extra.axes)
 
 
 def _trailing_norm(op: OpCall, shape_arg: str, why: str) -> Iterator[Constraint]:
@@ -50,7 +50,7 @@ def _trailing_norm(op: OpCall, shape_arg: str, why: str) -> Iterator[Constraint]
             elif d < x.ndim and a.size == x.shape[d]:
                 yield Tie(a, x.axis(d), f"{why} statistics")
             else:
-                yield Block(a, f"{why}: statistics of unexpected shape")
+                yield Block(a, f"{why}: statistics of unexpected shape", True)
 
 
 @rule("aten.layer_norm", "aten.native_layer_norm")
@@ -81,4 +81,4 @@ def _group_norm(op: OpCall) -> Iterator[Constraint]:
             yield Tie(extra.axis(0), x.axis(0), why)
             yield Tie(extra.axis(1), g, f"{why}: statistics per group")
         else:
-            yield from (Block(a, f"{why}: statistics of unexpected shape") for a in extra.axes)
+            yield from (Block(a, f"{why}: statistics of unexpected shape", True) for a in extra.axes)

@@ -7,6 +7,7 @@ the order along a dim (argmax indices, cumulative sums) block it. Softmax is equ
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator
 
 from permgraph.rules import Block, Constraint, Free, OpCall, Tie, rule
@@ -30,7 +31,7 @@ def _reduce(op: OpCall, order_matters: bool) -> Iterator[Constraint]:
     for out in op.outputs:
         kept = [d for d in range(x.ndim) if keepdim or d not in dims]
         if len(kept) != out.ndim:
-            yield from (Block(a, f"{why}: unexpected output rank") for a in x.axes + out.axes)
+            yield from (Block(a, f"{why}: unexpected output rank", report=True) for a in x.axes + out.axes)
             return
         for dx, dy in zip(kept, range(out.ndim)):
             if dx in dims:
@@ -56,8 +57,9 @@ def _invariant_reduce(op: OpCall) -> Iterator[Constraint]:
 
 @rule("aten.max", "aten.min")
 def _max(op: OpCall) -> Iterator[Constraint]:
-    # max.dim / min.dim also return indices: those depend on the order
-    yield from _reduce(op, order_matters=len(op.outputs) > 1)
+    # max.dim / min.dim also return indices, which depend on the order (when they are used)
+    indices_used = any(u.target is operator.getitem and u.args[1] == 1 and u.users for u in op.node.users)
+    yield from _reduce(op, order_matters=len(op.outputs) > 1 and indices_used)
 
 
 @rule("aten.argmax", "aten.argmin")

@@ -157,7 +157,7 @@ def _slice(op: OpCall) -> Iterator[Constraint]:
         start = 0 if start is None else int(start)
         start = min(max(start + n if start < 0 else start, 0), n)
     if step != 1:
-        yield Block(x.axis(dim), f"slice with step {step}")
+        yield Block(x.axis(dim), f"slice with step {step}", report=True)
         yield Block(out.axis(dim), f"slice with step {step}")
         for d in range(x.ndim):
             if d != dim:
@@ -215,7 +215,7 @@ def _index(op: OpCall) -> Iterator[Constraint]:
     contiguous = used and used == list(range(used[0], used[-1] + 1))
     n_bcast = out.ndim - (x.ndim - len(used))
     if not contiguous or n_bcast < 0:
-        yield from (Block(a, "index: non-contiguous advanced indexing") for a in x.axes + out.axes)
+        yield from (Block(a, "index: non-contiguous advanced indexing", True) for a in x.axes + out.axes)
         return
     before, after = list(range(used[0])), list(range(used[-1] + 1, x.ndim))
     for d in before:
