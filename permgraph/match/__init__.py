@@ -1,0 +1,12 @@
+"""Matchers: find the permutation that aligns model B to model A.
+
+Generic over a :class:`~permgraph.PermSpec`, never over an architecture: they read groups,
+members and layouts, so every model :func:`permgraph.infer` understands can be aligned.
+
+- :func:`weight_matching`: coordinate descent on ``Σ <W_a, P(W_b)>`` (Git Re-Basin, Alg. 1).
+"""
+
+from permgraph.match._common import MatchError
+from permgraph.match.weight import WeightMatchingHistory, similarity_matrices, weight_matching
+
+__all__ = ["weight_matching", "WeightMatchingHistory", "similarity_matrices", "MatchError"]

@@ -1,0 +1,128 @@
+"""Shared pieces of the matchers: argument errors, input validation, layout gathers."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from permgraph.errors import PermGraphError, SpecMismatchError
+from permgraph.spec import PermSpec
+
+__all__ = ["MatchError", "check_spec", "check_finite", "gather_units", "compose_index", "LayoutInfo"]
+
+
+class MatchError(PermGraphError, ValueError):
+    """A matcher was called with arguments it cannot use (no batches, a bad option, ...)."""
+
+
+def check_spec(spec: Any, what: str = "spec") -> PermSpec:
+    """Raise :class:`MatchError` unless ``spec`` is a :class:`PermSpec`."""
+    if not isinstance(spec, PermSpec):
+        raise MatchError(f"{what} must be a PermSpec from permgraph.infer(model, example_inputs), got {type(spec).__name__}")
+    return spec
+
+
+def check_finite(state: Mapping[str, torch.Tensor], keys: Any, what: str) -> None:
+    """Raise :class:`SpecMismatchError` naming the first tensor of ``keys`` with a NaN or inf.
+
+    Args:
+        state: the state_dict.
+        keys: the keys to check (the tensors a matcher reads).
+        what: how to call the state_dict in the message (``"state_a"``).
+    """
+    for key in keys:
+        t = state[key]
+        if not isinstance(t, torch.Tensor):
+            raise SpecMismatchError(f"{what}[{key!r}] is a {type(t).__name__}, not a tensor")
+        # a sum is finite when every element is (one fast pass); only a non-finite sum
+        # (a NaN/inf, or an overflow) needs the exact check
+        if (t.is_floating_point() or t.is_complex()) and t.numel() and not bool(torch.isfinite(t.sum())):
+            nan = int(torch.isnan(t).sum())
+            inf = int(torch.isinf(t).sum())
+            if nan or inf:
+                raise SpecMismatchError(
+                    f"{what}[{key!r}] has non-finite values ({nan} NaN, {inf} inf of {t.numel()}); "
+                    "matching needs finite weights: check the checkpoint (a diverged run?)"
+                )
+
+
+class LayoutInfo:
+    """A member's unit positions along its axis, precomputed for gathers.
+
+    Attributes:
+        pos: int64 positions, shape ``(*counts, n, block)``.
+        flat: ``pos`` flattened.
+        counts: the repeat counts.
+        n: number of units.
+        block: positions per unit and repeat.
+        whole: True when the units cover the whole axis in order (no gather needed).
+    """
+
+    def __init__(self, pos: torch.Tensor, axis_size: int) -> None:
+        self.pos = pos
+        self.flat = pos.reshape(-1)
+        self.counts = tuple(pos.shape[:-2])
+        self.n = int(pos.shape[-2])
+        self.block = int(pos.shape[-1])
+        self.whole = not self.counts and self.block == 1 and self.n == axis_size and bool(
+            torch.equal(self.flat, torch.arange(axis_size))
+        )
+
+
+def gather_units(
+    t: torch.Tensor,
+    axis: int,
+    lay: LayoutInfo,
+    index: torch.Tensor | None = None,
+    gathers: Sequence[tuple[int, torch.Tensor | None]] = (),
+) -> torch.Tensor:
+    """The ``(n, rest)`` matrix of a member: unit ``u``'s row holds every value of ``t`` at
+    the unit's positions along ``axis`` (all repeats and block positions, every other axis).
+
+    Args:
+        t: the tensor.
+        axis: the member axis.
+        lay: the member layout.
+        index: when given, the axis is first gathered by ``index`` (other groups'
+            permutation of the same axis); position ``q`` then reads ``t[index[q]]``.
+        gathers: ``(other axis, index)`` gathers applied first, in order (put the ones that
+            shrink the tensor first); a None index is skipped.
+
+    Returns:
+        A contiguous ``(n, rest)`` matrix (a view of ``t`` when nothing needs gathering or
+        moving). The gathers run on ``t``'s own layout (a gather from a strided view is
+        several times slower), the move to the front last.
+    """
+    m = t
+    for ax, idx in gathers:
+        if idx is not None:
+            m = m.index_select(ax, idx.to(m.device))
+    if index is not None or not lay.whole:
+        src = lay.flat if index is None else index.index_select(0, lay.flat)
+        m = m.index_select(axis, src.to(m.device))
+    if axis:
+        m = m.movedim(axis, 0)
+    if lay.counts or lay.block > 1:
+        m = m.reshape(*lay.counts, lay.n, lay.block, *m.shape[1:]).movedim(len(lay.counts), 0)
+    return m.reshape(lay.n, -1)
+
+
+def compose_index(size: int, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
+    """The gather index along one axis of several commuting groups' permutations.
+
+    Args:
+        size: the axis length.
+        parts: ``(positions, perm)`` pairs, positions of shape ``(*counts, n, block)``.
+
+    Returns:
+        The int64 index (None when ``parts`` is empty).
+    """
+    if not parts:
+        return None
+    idx = torch.arange(size)
+    for pos, p in parts:
+        src = pos.index_select(-2, p)
+        idx[pos.reshape(-1)] = idx[src.reshape(-1)]
+    return idx
