@@ -1,0 +1,378 @@
+"""The ``permgraph demo``: Git Re-Basin's headline result in well under a minute on a laptop.
+
+Two MLPs (64-512-512-10, ReLU) are trained from different seeds on scikit-learn's digits
+(8x8 images, offline; ``pip install scikit-learn``), their groups are inferred, model B is
+aligned to model A by weight matching and by activation matching, and the loss and
+accuracy barriers of the naive and the aligned interpolations are measured on held-out
+digits, with the fraction of units the two matchers map alike.
+
+Everything here is plain permgraph API; the functions are public so that the demo's pieces
+(the data, the trainer, the evaluation) can be reused on other small models.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from permgraph.errors import PermGraphError
+from permgraph.metrics import Curve, FixedPoints, fixed_points, interpolation_curve
+
+__all__ = [
+    "DemoError",
+    "Digits",
+    "load_digits",
+    "make_mlp",
+    "train",
+    "evaluator",
+    "batches",
+    "DemoResult",
+    "run_demo",
+    "plot_curves",
+]
+
+METHODS = ("naive", "weight_matching", "activation_matching")
+LABELS = {"naive": "naive", "weight_matching": "weight matching", "activation_matching": "activation matching"}
+
+
+class DemoError(PermGraphError, RuntimeError):
+    """The demo cannot run (an optional dependency is missing, a bad option)."""
+
+
+@dataclass
+class Digits:
+    """scikit-learn's digits, split and standardised with the training split's statistics.
+
+    Attributes:
+        x_train: ``(n, 64)`` float32 features, or ``(n, 1, 8, 8)`` images.
+        y_train: int64 labels.
+        x_test: held-out features.
+        y_test: held-out labels.
+    """
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+
+def load_digits(*, images: bool = False, test_fraction: float = 0.25, seed: int = 0) -> Digits:
+    """Load scikit-learn's 1797 digits (shipped with scikit-learn: no download).
+
+    Args:
+        images: give ``(n, 1, 8, 8)`` images instead of ``(n, 64)`` vectors.
+        test_fraction: the share held out for evaluation.
+        seed: seed of the split.
+
+    Returns:
+        The `Digits`, standardised per pixel with the training split's mean and std.
+
+    Raises:
+        DemoError: scikit-learn is not installed.
+    """
+    try:
+        from sklearn.datasets import load_digits as _load
+    except ImportError as exc:
+        raise DemoError("the demo needs scikit-learn for its data: pip install scikit-learn (or '.[demo]')") from exc
+    data = _load()
+    x = torch.tensor(data.data, dtype=torch.float32)
+    y = torch.tensor(data.target, dtype=torch.int64)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    n_test = int(round(len(x) * test_fraction))
+    test, tr = order[:n_test], order[n_test:]
+    mean, std = x[tr].mean(0), x[tr].std(0) + 0.1  # constant border pixels have std 0
+    x = (x - mean) / std
+    if images:
+        x = x.view(-1, 1, 8, 8)
+    return Digits(x[tr], y[tr], x[test], y[test])
+
+
+def make_mlp(widths: tuple[int, ...] = (64, 512, 512, 10)) -> nn.Sequential:
+    """An MLP with ReLU between its Linear layers (``widths``: input, hidden..., output)."""
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(widths, widths[1:])):
+        layers.append(nn.Linear(n_in, n_out))
+        if i < len(widths) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def batches(x: torch.Tensor, y: torch.Tensor | None = None, batch_size: int = 256) -> list[Any]:
+    """Consecutive batches of ``x`` (or of ``(x, y)`` pairs), as a list (it can be read many times)."""
+    out: list[Any] = []
+    for i in range(0, len(x), batch_size):
+        out.append(x[i:i + batch_size] if y is None else (x[i:i + batch_size], y[i:i + batch_size]))
+    return out
+
+
+def train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int = 10,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    seed: int = 0,
+    progress: bool = False,
+    desc: str = "train",
+) -> nn.Module:
+    """Train a classifier with Adam and cross-entropy, shuffling with ``seed``; returns it in eval mode."""
+    from tqdm.auto import tqdm
+
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False, unit="epoch")
+    for _ in bar:
+        order = torch.randperm(len(x), generator=gen)
+        total = 0.0
+        for i in range(0, len(x), batch_size):
+            idx = order[i:i + batch_size]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+        bar.set_postfix(loss=f"{total / len(x):.3f}")
+    return model.eval()
+
+
+def evaluator(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> Callable[[Mapping[str, Any]], tuple[float, float]]:
+    """``state_dict -> (mean cross-entropy, accuracy)`` of ``model``'s architecture on ``(x, y)``.
+
+    The state_dict is loaded into ``model`` (which is put in eval mode); use it as the
+    evaluation of `interpolation_curve`.
+    """
+
+    def evaluate(state: Mapping[str, Any]) -> tuple[float, float]:
+        model.load_state_dict(state)
+        model.eval()
+        loss, correct = 0.0, 0
+        with torch.no_grad():
+            for i in range(0, len(x), batch_size):
+                out = model(x[i:i + batch_size])
+                loss += float(F.cross_entropy(out, y[i:i + batch_size], reduction="sum"))
+                correct += int((out.argmax(-1) == y[i:i + batch_size]).sum())
+        return loss / len(x), correct / len(x)
+
+    return evaluate
+
+
+@contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@dataclass
+class DemoResult:
+    """What `run_demo` measured.
+
+    Attributes:
+        curves: method (``"naive"``, ``"weight_matching"``, ``"activation_matching"``) ->
+            the interpolation `Curve` on the held-out digits.
+        fixed_points: the fixed points of the weight-matching permutation against the
+            activation-matching one (the units both matchers map alike).
+        permutations: method -> the permutation that aligns B to A (the identity for naive).
+        groups: group name -> size.
+        seconds: wall time of the whole demo.
+        timings: seconds per stage (``train``, ``infer``, ``weight_matching``, ...).
+        config: the settings it ran with.
+    """
+
+    curves: dict[str, Curve]
+    fixed_points: FixedPoints
+    permutations: dict[str, dict[str, torch.Tensor]]
+    groups: dict[str, int]
+    seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def loss_barrier(self) -> dict[str, float]:
+        """Method -> loss barrier."""
+        return {m: c.loss_barrier for m, c in self.curves.items()}
+
+    @property
+    def accuracy_barrier(self) -> dict[str, float]:
+        """Method -> accuracy barrier (a fraction: 0.03 is 3 points of accuracy)."""
+        return {m: float(c.accuracy_barrier) for m, c in self.curves.items()}  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document ``permgraph demo --json`` prints."""
+        naive = self.curves["naive"]
+        return {
+            "loss_barrier": self.loss_barrier,
+            "accuracy_barrier": self.accuracy_barrier,
+            "fixed_point_fraction": self.fixed_points.overall,
+            "seconds": round(self.seconds, 2),
+            "endpoints": {
+                "a": {"loss": naive.loss[0], "accuracy": naive.accuracy[0]},  # type: ignore[index]
+                "b": {"loss": naive.loss[-1], "accuracy": naive.accuracy[-1]},  # type: ignore[index]
+            },
+            "fixed_points": self.fixed_points.to_dict(),
+            "groups": dict(self.groups),
+            "curves": {m: {"alphas": c.alphas, "loss": c.loss, "accuracy": c.accuracy} for m, c in self.curves.items()},
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            "config": dict(self.config),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    def __str__(self) -> str:
+        c = self.config
+        naive = self.curves["naive"]
+        acc, loss = naive.accuracy or [], naive.loss
+        widths = "-".join(map(str, c.get("widths", ())))
+        lines = [
+            f"Two MLPs ({widths}, ReLU) trained on scikit-learn digits from seeds {c.get('seed_a')} and {c.get('seed_b')}, "
+            f"{c.get('epochs')} epochs each; evaluated on {c.get('n_test')} held-out digits.",
+            f"  model A: loss {loss[0]:.4f}, accuracy {acc[0]:.2%}    model B: loss {loss[-1]:.4f}, accuracy {acc[-1]:.2%}",
+            f"  groups: {', '.join(f'{g} ({n} units)' for g, n in self.groups.items())}",
+            "",
+            f"  {'interpolating A and B':<22} {'loss barrier':>13} {'accuracy barrier':>17} {'loss at alpha=0.5':>18}",
+        ]
+        for m, curve in self.curves.items():
+            mid = curve.loss[min(range(len(curve.alphas)), key=lambda i: abs(curve.alphas[i] - 0.5))]
+            lines.append(f"  {LABELS[m]:<22} {curve.loss_barrier:>13.4f} {float(curve.accuracy_barrier or 0) * 100:>12.2f} pts "
+                         f"{mid:>18.4f}")
+        fp = self.fixed_points
+        chance = sum(1 for _ in fp.groups) / max(fp.units, 1)
+        lines += [
+            "",
+            f"  fixed points: weight and activation matching map {fp.overall:.1%} of the units alike "
+            f"(two random permutations: {chance:.1%})",
+            f"  done in {self.seconds:.1f} s ("
+            + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in self.timings.items()) + ")",
+        ]
+        return "\n".join(lines)
+
+
+def run_demo(
+    *,
+    seed_a: int = 0,
+    seed_b: int = 1,
+    widths: tuple[int, ...] = (64, 512, 512, 10),
+    epochs: int = 10,
+    alphas: int = 11,
+    progress: bool = True,
+    threads: int | None = 1,
+) -> DemoResult:
+    """Train two MLPs on digits from two seeds, align B to A two ways, measure the barriers.
+
+    Args:
+        seed_a: seed of model A (initialisation and batch order).
+        seed_b: seed of model B.
+        widths: the MLP's layer widths (input 64, output 10).
+        epochs: training epochs per model.
+        alphas: number of interpolation points from 0 to 1.
+        progress: show tqdm progress bars (on stderr).
+        threads: torch CPU threads while it runs (restored afterwards); one is fastest for
+            models this small, and does not fight other processes for cores.
+
+    Returns:
+        A `DemoResult`; ``str()`` is the report ``permgraph demo`` prints.
+
+    Raises:
+        DemoError: scikit-learn is missing, or the widths do not start at 64 and end at 10.
+    """
+    if len(widths) < 3 or widths[0] != 64 or widths[-1] != 10:
+        raise DemoError(f"widths must start with 64 (the pixels) and end with 10 (the classes), with hidden widths between; got {widths}")
+    from permgraph.analysis import infer
+    from permgraph.match import activation_matching, weight_matching
+
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    with _threads(threads):
+        data = load_digits()
+        t = time.perf_counter()
+        models = {}
+        for name, seed in (("A", seed_a), ("B", seed_b)):
+            torch.manual_seed(seed)
+            models[name] = train(make_mlp(widths), data.x_train, data.y_train, epochs=epochs, seed=seed,
+                                 progress=progress, desc=f"train model {name}")
+        timings["train"] = time.perf_counter() - t
+        state_a, state_b = models["A"].state_dict(), models["B"].state_dict()
+
+        t = time.perf_counter()
+        spec = infer(make_mlp(widths), data.x_train[:2])
+        timings["infer"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        p_wm = weight_matching(spec, state_a, state_b, seed=0, progress=progress)
+        timings["weight_matching"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        p_am = activation_matching(spec, models["A"], models["B"], batches(data.x_train), progress=progress)
+        timings["activation_matching"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        evaluate = evaluator(make_mlp(widths), data.x_test, data.y_test)
+        perms = {"naive": spec.identity(), "weight_matching": p_wm, "activation_matching": p_am}
+        curves = {
+            m: interpolation_curve(state_a, spec.apply(p, state_b), evaluate, alphas, progress=progress,
+                                   desc=f"interpolate ({LABELS[m]})")
+            for m, p in perms.items()
+        }
+        timings["interpolation"] = time.perf_counter() - t
+    config = {"seed_a": seed_a, "seed_b": seed_b, "widths": list(widths), "epochs": epochs, "alphas": alphas,
+              "n_train": len(data.x_train), "n_test": len(data.x_test), "threads": threads}
+    return DemoResult(curves, fixed_points(p_wm, p_am), perms, {g.name: g.size for g in spec.groups},
+                      time.perf_counter() - t_start, timings, config)
+
+
+def plot_curves(curves: Mapping[str, Curve], path: str, *, title: str = "") -> None:
+    """Save loss and accuracy against alpha, one line per curve, as an image (PNG, SVG, PDF).
+
+    Args:
+        curves: label -> `Curve` (the method names of `run_demo` get readable labels).
+        path: the image file to write.
+        title: a title over both panels.
+
+    Raises:
+        DemoError: matplotlib is not installed (``pip install matplotlib``, or ``'.[plot]'``).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise DemoError("--plot needs matplotlib: pip install matplotlib (or pip install -e '.[plot]')") from exc
+    has_acc = any(c.accuracy is not None for c in curves.values())
+    fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(10 if has_acc else 5, 3.8), squeeze=False)
+    for name, c in curves.items():
+        axes[0][0].plot(c.alphas, c.loss, marker="o", ms=3, label=f"{LABELS.get(name, name)} (barrier {c.loss_barrier:.3f})")
+        if has_acc and c.accuracy is not None:
+            axes[0][1].plot(c.alphas, [100 * a for a in c.accuracy], marker="o", ms=3,
+                            label=f"{LABELS.get(name, name)} (barrier {100 * float(c.accuracy_barrier or 0):.2f} pts)")
+    axes[0][0].set(xlabel="alpha (0: model A, 1: model B)", ylabel="test loss (cross-entropy)")
+    if has_acc:
+        axes[0][1].set(xlabel="alpha (0: model A, 1: model B)", ylabel="test accuracy (%)")
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=110)
+    except OSError as exc:
+        raise DemoError(f"cannot write the plot to {path!r}: {exc}") from exc
+    finally:
+        plt.close(fig)
