@@ -4,9 +4,20 @@ Generic over a :class:`~permgraph.PermSpec`, never over an architecture: they re
 members and layouts, so every model :func:`permgraph.infer` understands can be aligned.
 
 - :func:`weight_matching`: coordinate descent on ``Σ <W_a, P(W_b)>`` (Git Re-Basin, Alg. 1).
+- :func:`activation_matching`: one LAP per group on the correlation of the units'
+  activations over data (Git Re-Basin; Benzing et al. 2022).
 """
 
 from permgraph.match._common import MatchError
+from permgraph.match.activation import ActivationStats, activation_matching, activation_similarity
 from permgraph.match.weight import WeightMatchingHistory, similarity_matrices, weight_matching
 
-__all__ = ["weight_matching", "WeightMatchingHistory", "similarity_matrices", "MatchError"]
+__all__ = [
+    "weight_matching",
+    "WeightMatchingHistory",
+    "similarity_matrices",
+    "activation_matching",
+    "activation_similarity",
+    "ActivationStats",
+    "MatchError",
+]

@@ -1,0 +1,572 @@
+"""Activation matching: align B to A by how alike their hidden units respond to data.
+
+Both models run the traced graph of the spec (``spec.traced``) in lockstep, batch by batch,
+with their own weights. For each group, the values that carry it are read through the
+group's layout into ``(samples, n)`` matrices (every other dim, block and repeat position
+counts as a sample): preferably the outputs of non-linear element-wise ops (ReLU, GELU,
+SiLU, ...), the post-activation units Git Re-Basin and Benzing et al. match; else every
+computed value that carries the group. Per group the sums of ``x_a``, ``x_b``, ``x_a²``,
+``x_b²`` and ``x_aᵀ x_b`` are accumulated over all samples (memory ``O(n²)`` per group, never
+``samples x n`` across batches), then turned into a similarity (Pearson correlation by
+default, covariance or cosine) and one LAP per group gives the permutation.
+
+Attention heads: a head group whose units are blocks of a within-head group is matched on
+the joint units: the similarity of head ``i`` of A and head ``j`` of B is the best
+alignment of their within-head units (one small LAP per pair), the heads take the LAP of
+that, and the within-head group then matches given the heads.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.export.graph_signature import InputKind
+
+from permgraph import lap as _lap
+from permgraph.errors import PermGraphError
+from permgraph.match._common import MatchError, check_finite, check_spec
+from permgraph.match.weight import _nested_positions
+from permgraph.spec import Layout, PermSpec
+from permgraph.trace import Traced, as_args, trace
+
+__all__ = ["activation_matching", "activation_similarity", "ActivationStats", "METHODS", "NONLINEAR_OPS"]
+
+#: The similarities :func:`activation_matching` offers.
+METHODS = ("correlation", "covariance", "cosine")
+
+#: Element-wise non-linearities whose outputs represent a group's units (aten base names).
+NONLINEAR_OPS = frozenset({
+    "relu", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardtanh", "hardswish", "hardsigmoid", "elu", "selu",
+    "celu", "leaky_relu", "mish", "softplus", "prelu", "rrelu", "logsigmoid", "softsign", "threshold",
+    "clamp", "clamp_min",
+})
+#: Ops whose output repeats values already seen (views, copies, dropout): skipped when
+#: every value carrying a group is used.
+_REPEATS = frozenset({
+    "view", "reshape", "_unsafe_view", "alias", "clone", "contiguous", "dropout", "feature_dropout", "expand",
+    "expand_as", "permute", "transpose", "t", "squeeze", "unsqueeze", "flatten", "unflatten", "to", "_to_copy",
+    "detach", "slice", "select", "narrow", "movedim", "as_strided", "cat", "stack", "repeat", "lift_fresh_copy",
+})
+
+
+def _base(target: str) -> str:
+    """``"aten.relu_.default"`` -> ``"relu"``."""
+    parts = target.split(".")
+    name = parts[1] if len(parts) >= 2 and parts[0] == "aten" else parts[-1]
+    return name[:-1] if name.endswith("_") and not name.startswith("_") else name
+
+
+@dataclass
+class ActivationStats:
+    """Streaming cross-statistics of ``n`` units of A against ``n`` units of B.
+
+    Attributes:
+        count: number of samples seen.
+        sum_a, sum_b: per-unit sums (float64).
+        sq_a, sq_b: per-unit sums of squares (float64).
+        cross: ``Σ x_aᵀ x_b``, ``(n, n)`` (float64).
+    """
+
+    n: int
+    device: torch.device
+    count: float = 0.0
+    sum_a: torch.Tensor = field(init=False)
+    sum_b: torch.Tensor = field(init=False)
+    sq_a: torch.Tensor = field(init=False)
+    sq_b: torch.Tensor = field(init=False)
+    cross: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        z = torch.zeros(self.n, dtype=torch.float64, device=self.device)
+        self.sum_a, self.sum_b, self.sq_a, self.sq_b = z.clone(), z.clone(), z.clone(), z
+        self.cross = torch.zeros(self.n, self.n, dtype=torch.float64, device=self.device)
+
+    def update(self, xa: torch.Tensor, xb: torch.Tensor) -> None:
+        """Add ``(samples, n)`` observations of A's and B's units."""
+        xa = xa.to(self.device)
+        xb = xb.to(self.device)
+        if not xa.is_floating_point():
+            xa, xb = xa.float(), xb.float()
+        self.count += xa.shape[0]
+        self.sum_a += xa.sum(0, dtype=torch.float64)
+        self.sum_b += xb.sum(0, dtype=torch.float64)
+        self.sq_a += xa.square().sum(0, dtype=torch.float64)
+        self.sq_b += xb.square().sum(0, dtype=torch.float64)
+        if xa.dtype in (torch.float16, torch.bfloat16):
+            xa, xb = xa.float(), xb.float()
+        self.cross += (xa.T @ xb).to(torch.float64)
+
+    def similarity(self, method: str = "correlation") -> torch.Tensor:
+        """The ``(n, n)`` similarity of A's unit ``u`` (row) and B's unit ``v`` (column), a
+        float64 CPU matrix.
+
+        Args:
+            method: ``"correlation"`` (Pearson), ``"covariance"`` or ``"cosine"``.
+
+        Returns:
+            The matrix; a unit that never varies (or is always zero, for cosine) has zero
+            similarity to every unit.
+        """
+        n = max(self.count, 1.0)
+        if method == "cosine":
+            na, nb = self.sq_a.sqrt(), self.sq_b.sqrt()
+            out = self.cross / (_safe(na)[:, None] * _safe(nb)[None, :])
+        else:
+            mean_a, mean_b = self.sum_a / n, self.sum_b / n
+            out = self.cross / n - mean_a[:, None] * mean_b[None, :]
+            if method == "correlation":
+                sa = (self.sq_a / n - mean_a.square()).clamp_min(0).sqrt()
+                sb = (self.sq_b / n - mean_b.square()).clamp_min(0).sqrt()
+                out = out / (_safe(sa)[:, None] * _safe(sb)[None, :])
+        return out.cpu()
+
+
+def _safe(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with (near-)zero scales replaced by infinity, so what they divide becomes 0."""
+    tiny = x.abs().max().clamp_min(1e-300) * 1e-12
+    return torch.where(x > tiny, x, torch.full_like(x, math.inf))
+
+
+@dataclass(frozen=True)
+class _Occurrence:
+    """One reading of a node's value: the units of ``key`` along ``dim`` at ``positions``
+    (``(*counts, units, block)``); ``key`` is ``(group,)``, or ``(outer, inner)`` for the
+    joint units of a head group and its within-head group."""
+
+    node: str
+    item: int | None  # which element of a tuple output
+    dim: int
+    key: tuple[str, ...]
+    positions: torch.Tensor
+
+    def read(self, value: torch.Tensor) -> torch.Tensor:
+        """The ``(samples, units)`` matrix of this reading of ``value``."""
+        pos = self.positions
+        counts, units, block = tuple(pos.shape[:-2]), pos.shape[-2], pos.shape[-1]
+        x = value.movedim(self.dim, -1).index_select(-1, pos.reshape(-1).to(value.device))
+        x = x.reshape(*x.shape[:-1], *counts, units, block).movedim(-2, -1)
+        return x.reshape(-1, units)
+
+
+def _plan(spec: PermSpec) -> tuple[dict[str, list[_Occurrence]], dict[tuple[str, ...], int], list[str]]:
+    """Pick the values that represent each group.
+
+    Returns:
+        node name -> its readings, accumulator key -> its number of units, and the groups
+        no value carries.
+    """
+    graph = spec.graph
+    sizes = {g.name: g.size for g in spec.groups}
+    # every (node, item, dim, group, layout) carrying a group, in graph order
+    found: dict[str, list[tuple[str, int | None, int, Layout, str]]] = {g: [] for g in sizes}
+    dims: dict[tuple[str, int | None, int], list[tuple[str, Layout]]] = {}
+    for name, data in graph.nodes(data=True):
+        if data.get("kind") != "op" or not data.get("layouts"):
+            continue
+        shape = data.get("shape")
+        if shape is None:
+            continue
+        items: list[tuple[int | None, Any]]
+        if shape and isinstance(shape[0], (tuple, list)):  # a tuple output
+            items = list(enumerate(data["layouts"]))
+        else:
+            items = [(None, data["layouts"])]
+        base = _base(str(data.get("target", "")))
+        for item, per_dim in items:
+            for dim, occ in enumerate(per_dim or ()):
+                for gname, lay in occ:
+                    if gname in found:
+                        found[gname].append((name, item, dim, lay, base))
+                        dims.setdefault((name, item, dim), []).append((gname, lay))
+    chosen: dict[str, list[tuple[str, int | None, int, Layout]]] = {}
+    missing: list[str] = []
+    for gname, occs in found.items():
+        pick = [o for o in occs if o[4] in NONLINEAR_OPS]
+        if not pick:
+            pick = [o for o in occs if o[4] not in _REPEATS] or occs
+        if not pick:
+            missing.append(gname)
+        chosen[gname] = [o[:4] for o in pick]
+    # joint readings of nested groups (attention heads and their within-head units): the
+    # outer group's reading covers the inner group's units there too
+    joint: dict[tuple[str, int | None, int, str, Layout], tuple[str, torch.Tensor]] = {}
+    covered: set[tuple[str, int | None, int, str, Layout]] = set()
+    for gname, occs in chosen.items():
+        for node, item, dim, lay in occs:
+            shape = graph.nodes[node]["shape"]
+            dim_size = (shape[item] if item is not None else shape)[dim]
+            for other, olay in dims[(node, item, dim)]:
+                if other == gname:
+                    continue
+                inner = _nested_positions(lay.positions(sizes[gname]), olay.positions(sizes[other]), dim_size)
+                if inner is not None:
+                    joint[(node, item, dim, gname, lay)] = (other, inner.reshape(*inner.shape[:-2], -1, 1))
+                    covered.add((node, item, dim, other, olay))
+                    break
+    plan: dict[str, list[_Occurrence]] = {}
+    keys: dict[tuple[str, ...], int] = {}
+    for gname, occs in chosen.items():
+        for node, item, dim, lay in occs:
+            if (node, item, dim, gname, lay) in covered:
+                continue  # read jointly with its heads
+            nest = joint.get((node, item, dim, gname, lay))
+            if nest is not None:
+                key: tuple[str, ...] = (gname, nest[0])
+                reading = _Occurrence(node, item, dim, key, nest[1])
+                keys[key] = sizes[gname] * sizes[nest[0]]
+            else:
+                reading = _Occurrence(node, item, dim, (gname,), lay.positions(sizes[gname]))
+                keys[(gname,)] = sizes[gname]
+            plan.setdefault(node, []).append(reading)
+    return plan, keys, missing
+
+
+class _Runner:
+    """Runs the traced graph of one input signature for A and B in lockstep."""
+
+    def __init__(self, traced: Traced, model_a: torch.nn.Module, model_b: torch.nn.Module,
+                 state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch.Tensor]) -> None:
+        self.traced = traced
+        self.gm = traced.graph_module
+        self.nodes = list(self.gm.graph.nodes)
+        self.last_use: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+        seen: set[torch.fx.Node] = set()
+        for node in reversed(self.nodes):
+            for inp in node.all_input_nodes:
+                if inp not in seen:
+                    seen.add(inp)
+                    self.last_use.setdefault(node, []).append(inp)
+        self.device_a = _device(model_a)
+        self.device_b = _device(model_b)
+        self.fixed_a = self._placeholders(model_a, state_a, self.device_a)
+        self.fixed_b = self._placeholders(model_b, state_b, self.device_b)
+
+    def _placeholders(self, model: torch.nn.Module, state: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
+        """The values of every placeholder but the user inputs."""
+        traced = self.traced
+        ep = traced.program
+        buffers = dict(model.named_buffers(remove_duplicate=False))
+        specs = {getattr(s.arg, "name", None): s for s in ep.graph_signature.input_specs}
+        out: dict[str, Any] = {}
+        for node in self.nodes:
+            if node.op != "placeholder" or node.name in traced.user_inputs:
+                continue
+            if node.name in traced.params:
+                out[node.name] = state[traced.params[node.name][0]]
+                continue
+            s = specs.get(node.name)
+            target = getattr(s, "target", None)
+            if s is not None and s.kind == InputKind.BUFFER and target in buffers:
+                value = buffers[target]
+            elif target in ep.constants:
+                value = ep.constants[target]
+            elif target in ep.state_dict:
+                value = ep.state_dict[target]
+            else:
+                raise MatchError(f"cannot find the value of graph input {node.name} ({target}); re-infer the spec from this model")
+            out[node.name] = value.to(device) if isinstance(value, torch.Tensor) else value
+        return out
+
+    def run(self, inputs: list[Any], plan: Mapping[str, list[_Occurrence]], stats: dict[tuple[str, ...], ActivationStats]) -> None:
+        """Run one batch (flattened user inputs) through A and B, feeding ``stats``."""
+        user = iter(inputs)
+        env_a: dict[torch.fx.Node, Any] = {}
+        env_b: dict[torch.fx.Node, Any] = {}
+        for node in self.nodes:
+            if node.op == "placeholder":
+                if node.name in self.traced.user_inputs:
+                    x = next(user)
+                    va, vb = _to(x, self.device_a), _to(x, self.device_b)
+                else:
+                    va, vb = self.fixed_a[node.name], self.fixed_b[node.name]
+            elif node.op == "call_function":
+                args_a, kwargs_a = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: env_a[n])
+                args_b, kwargs_b = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: env_b[n])
+                va = node.target(*args_a, **kwargs_a)
+                vb = node.target(*args_b, **kwargs_b)
+            elif node.op == "get_attr":
+                va = vb = _fetch(self.gm, str(node.target))
+            elif node.op == "output":
+                break
+            else:  # pragma: no cover - export graphs hold none
+                raise MatchError(f"cannot run graph node {node.name} of kind {node.op}")
+            env_a[node], env_b[node] = va, vb
+            for r in plan.get(node.name, ()):
+                xa = va if r.item is None else va[r.item]
+                xb = vb if r.item is None else vb[r.item]
+                stats[r.key].update(r.read(xa), r.read(xb))
+            for dead in self.last_use.get(node, ()):
+                env_a.pop(dead, None)
+                env_b.pop(dead, None)
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    return x.to(device) if isinstance(x, torch.Tensor) else x
+
+
+def _fetch(gm: torch.nn.Module, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _signature(flat: list[Any]) -> tuple[Any, ...]:
+    return tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else ("const", repr(x)) for x in flat)
+
+
+def _flatten(spec: PermSpec, batch: Any) -> list[Any]:
+    args, kwargs = as_args(batch)
+    in_spec = spec.traced.program.call_spec.in_spec
+    try:
+        from torch.export._tree_utils import reorder_kwargs
+
+        kwargs = reorder_kwargs(kwargs, in_spec)
+    except Exception:  # noqa: BLE001 - a mismatch is reported below
+        pass
+    flat, tree = torch.utils._pytree.tree_flatten((args, kwargs))
+    if in_spec is not None and tree != in_spec:
+        raise MatchError(
+            f"a batch is structured differently from the example inputs the spec was traced with "
+            f"(got {tree}, expected {in_spec}); pass each batch as a Tensor, tuple of positional "
+            "arguments or dict of keyword arguments, like infer's example_inputs"
+        )
+    return flat
+
+
+def _check_models(spec: PermSpec, model_a: Any, model_b: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    states = []
+    for what, model in (("model_a", model_a), ("model_b", model_b)):
+        if not isinstance(model, torch.nn.Module):
+            raise MatchError(f"{what} must be an nn.Module, got {type(model).__name__}")
+        state = model.state_dict()
+        spec.check_state_dict(state, f"{what}.state_dict()")
+        check_finite(state, [k for k in spec.shapes if k in state], f"{what}.state_dict()")
+        states.append(state)
+    return states[0], states[1]
+
+
+def activation_similarity(
+    spec: PermSpec,
+    model_a: torch.nn.Module,
+    model_b: torch.nn.Module,
+    batches: Iterable[Any],
+    *,
+    method: str = "correlation",
+    progress: bool = False,
+) -> tuple[dict[tuple[str, ...], torch.Tensor], dict[str, int]]:
+    """The activation similarities :func:`activation_matching` solves.
+
+    Args:
+        spec: the PermSpec, with its traced graph (from :func:`permgraph.infer`).
+        model_a: the reference model.
+        model_b: the model to align; both run in eval mode through the traced graph.
+        batches: an iterable of inputs, each a Tensor, a tuple of positional arguments or a
+            dict of keyword arguments, like ``infer``'s ``example_inputs``.
+        method: ``"correlation"``, ``"covariance"`` or ``"cosine"``.
+        progress: show a tqdm bar over the batches.
+
+    Returns:
+        ``(similarities, sizes)``: accumulator key -> float64 CPU matrix, where a key is
+        ``(group,)`` (an ``(n, n)`` matrix) or ``(heads, within)`` (an ``(H*D, H*D)`` matrix
+        over the joint units, head-major); and group name -> size.
+
+    Raises:
+        MatchError: no batches, an unknown method, a spec without its traced graph, or a
+            batch unlike the example inputs.
+        SpecMismatchError: a model's state_dict does not match the spec, or holds NaN/inf.
+    """
+    stats, sizes = _accumulate(spec, model_a, model_b, batches, method, progress)
+    return {k: s.similarity(method) for k, s in stats.items()}, sizes
+
+
+def _accumulate(spec: PermSpec, model_a: torch.nn.Module, model_b: torch.nn.Module, batches: Iterable[Any],
+                method: str, progress: bool) -> tuple[dict[tuple[str, ...], ActivationStats], dict[str, int]]:
+    check_spec(spec)
+    if method not in METHODS:
+        raise MatchError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if spec.traced is None or spec.graph is None:
+        raise MatchError(
+            "this spec has no traced graph (it was loaded from a file?); activation matching runs the "
+            "graph: build the spec with permgraph.infer(model, example_inputs)"
+        )
+    if isinstance(batches, (torch.Tensor, dict)):
+        raise MatchError("batches must be an iterable of batches (e.g. a list or a DataLoader), not a single batch; wrap it: [batch]")
+    state_a, state_b = _check_models(spec, model_a, model_b)
+    plan, keys, missing = _plan(spec)
+    if missing:
+        warnings.warn(
+            f"no value of the traced graph carries group(s) {', '.join(missing[:5])}: they keep the identity",
+            stacklevel=3,
+        )
+    sizes = {g.name: g.size for g in spec.groups}
+    device = _device(model_a)
+    stats = {k: ActivationStats(n, device) for k, n in keys.items()}
+    example = _signature([n.meta.get("val") for n in spec.traced.graph_module.graph.nodes
+                          if n.op == "placeholder" and n.name in spec.traced.user_inputs])
+    runners: dict[tuple[Any, ...], _Runner] = {}
+    was = (model_a.training, model_b.training)
+    model_a.eval()
+    model_b.eval()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc="activation matching", unit="batch", total=len(batches) if hasattr(batches, "__len__") else None)  # type: ignore[arg-type]
+    seen = 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                flat = _flatten(spec, batch)
+                sig = _signature(flat)
+                runner = runners.get(sig)
+                if runner is None:
+                    traced = spec.traced if sig == example else _retrace(spec, model_a, batch, plan)
+                    runner = runners[sig] = _Runner(traced, model_a, model_b, state_a, state_b)
+                runner.run(flat, plan, stats)
+                seen += 1
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        model_a.train(was[0])
+        model_b.train(was[1])
+        if bar is not None:
+            bar.close()
+    if not seen:
+        raise MatchError("batches is empty: activation matching needs at least one batch of inputs")
+    return stats, sizes
+
+
+def _retrace(spec: PermSpec, model: torch.nn.Module, batch: Any, plan: Mapping[str, list[_Occurrence]]) -> Traced:
+    """Trace ``model`` again for a batch of another shape than the example inputs (export
+    graphs have static shapes), and check the nodes the plan reads are the same."""
+    try:
+        traced = trace(model, batch)
+    except PermGraphError as exc:
+        raise MatchError(f"a batch of another shape than the example inputs could not be traced: {exc}") from exc
+    nodes = {n.name: n for n in traced.graph_module.graph.nodes}
+    for name, readings in plan.items():
+        node = nodes.get(name)
+        want = spec.graph.nodes[name]
+        if node is None or str(want.get("target")) not in (str(node.target), _target_name(node)):
+            raise MatchError(
+                f"the graph traced for a batch of another shape differs from the spec's (node {name}); "
+                "pass batches shaped like the example inputs, or re-infer the spec on such a batch"
+            )
+        val = node.meta.get("val")
+        for r in readings:
+            v = val[r.item] if r.item is not None else val
+            old = want["shape"][r.item] if r.item is not None else want["shape"]
+            if not isinstance(v, torch.Tensor) or v.shape[r.dim] != old[r.dim]:
+                raise MatchError(
+                    f"node {name} has another size along the permuted dim for this batch shape; "
+                    "pass batches shaped like the example inputs"
+                )
+    return traced
+
+
+def _target_name(node: torch.fx.Node) -> str:
+    from permgraph.rules import op_name
+
+    return op_name(node.target)
+
+
+def activation_matching(
+    spec: PermSpec,
+    model_a: torch.nn.Module,
+    model_b: torch.nn.Module,
+    batches: Iterable[Any],
+    *,
+    method: str = "correlation",
+    lap: str = "auto",
+    progress: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Align B to A by matching activations (Git Re-Basin; Benzing et al. 2022).
+
+    Args:
+        spec: the PermSpec, with its traced graph (from :func:`permgraph.infer` on this
+            architecture).
+        model_a: the reference model.
+        model_b: the model to align. Both run in eval mode (their modes are restored),
+            each on its own device; the statistics live on ``model_a``'s device.
+        batches: an iterable of inputs (a list, a DataLoader yielding inputs only), each a
+            Tensor, a tuple of positional arguments or a dict of keyword arguments, like
+            ``infer``'s ``example_inputs``. Batches of another shape than the example inputs
+            are traced again (once per shape).
+        method: the similarity of two units: ``"correlation"`` (Pearson, default),
+            ``"covariance"`` or ``"cosine"`` (Benzing et al.).
+        lap: the LAP backend (see :func:`permgraph.lap.solve`).
+        progress: show a tqdm bar over the batches.
+
+    Returns:
+        The permutation, group name -> int64 CPU tensor, such that ``spec.apply(perm,
+        model_b.state_dict())`` is B aligned to A. A group that no value of the graph
+        carries keeps the identity (with a warning).
+
+    Raises:
+        MatchError: ``batches`` is empty or a single batch, ``method`` is unknown, the spec
+            has no traced graph, or a batch does not fit the traced inputs.
+        SpecMismatchError: a model's state_dict does not match the spec (the first
+            mismatching key is named), or holds NaN/inf (the tensor is named).
+        LapError: the LAP backend is unknown or not installed.
+
+    Example:
+        >>> import torch, permgraph
+        >>> from permgraph.match import activation_matching
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+        >>> spec = permgraph.infer(mlp, torch.randn(8, 4))
+        >>> other = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+        >>> other.load_state_dict(spec.apply(spec.random_permutation(), mlp.state_dict()))
+        <All keys matched successfully>
+        >>> perm = activation_matching(spec, mlp, other, [torch.randn(8, 4) for _ in range(8)])
+        >>> aligned = spec.apply(perm, other.state_dict())
+        >>> all(torch.allclose(aligned[k], v) for k, v in mlp.state_dict().items())
+        True
+    """
+    _lap._pick(2, lap)
+    stats, sizes = _accumulate(spec, model_a, model_b, batches, method, progress)
+    sims = {k: s.similarity(method) for k, s in stats.items()}
+    perm = {g.name: torch.arange(g.size) for g in spec.groups}
+    total: dict[str, torch.Tensor] = {}
+    for key, s in sims.items():
+        if len(key) == 1:
+            total[key[0]] = s if key[0] not in total else total[key[0]] + s
+    # heads first: each pair of heads scored by the best alignment of their inner units
+    nested = {k: s for k, s in sims.items() if len(k) == 2}
+    blocks: dict[tuple[str, str], torch.Tensor] = {}
+    for (outer, inner), s in nested.items():
+        n, m = sizes[outer], sizes[inner]
+        b = s.view(n, m, n, m).permute(0, 2, 1, 3)
+        blocks[(outer, inner)] = b
+        score = torch.zeros(n, n, dtype=torch.float64)
+        ar = torch.arange(m)
+        for i in range(n):
+            for j in range(n):
+                sigma = _lap.solve(b[i, j], maximize=True, backend=lap)
+                score[i, j] = b[i, j][ar, sigma].sum()
+        total[outer] = score if outer not in total else total[outer] + score
+    outers = {o for o, _ in nested}
+    for name in outers:
+        perm[name] = _lap.solve(total[name], maximize=True, backend=lap)
+    for (outer, inner), b in blocks.items():
+        given = b[torch.arange(sizes[outer]), perm[outer]].sum(0)  # Σ_i block(i, p(i))
+        total[inner] = given if inner not in total else total[inner] + given
+    for name, s in total.items():
+        if name not in outers:
+            perm[name] = _lap.solve(s, maximize=True, backend=lap)
+    return perm
