@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -192,6 +193,8 @@ class DemoResult:
         seconds: wall time of the whole demo.
         timings: seconds per stage (``train``, ``infer``, ``weight_matching``, ...).
         config: the settings it ran with.
+        spec: the `PermSpec` of the MLP.
+        states: ``"a"`` and ``"b"`` -> the trained models' state_dicts (B not aligned).
     """
 
     curves: dict[str, Curve]
@@ -201,6 +204,25 @@ class DemoResult:
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    spec: Any = field(default=None, repr=False)
+    states: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    def save(self, folder: str | Path) -> list[Path]:
+        """Write ``a.safetensors``, ``b.safetensors`` (the two models) and
+        ``perm_weight_matching.safetensors`` / ``perm_activation_matching.safetensors``
+        (the permutations aligning B to A) into ``folder`` (created if needed).
+
+        Returns:
+            The paths written.
+        """
+        from permgraph.io import save_aligned, save_permutation
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = [save_aligned(folder / f"{k}.safetensors", sd, spec=self.spec) for k, sd in self.states.items()]
+        for method in ("weight_matching", "activation_matching"):
+            paths.append(save_permutation(folder / f"perm_{method}.safetensors", self.spec, self.permutations[method]))
+        return paths
 
     @property
     def loss_barrier(self) -> dict[str, float]:
@@ -333,7 +355,7 @@ def run_demo(
     config = {"seed_a": seed_a, "seed_b": seed_b, "widths": list(widths), "epochs": epochs, "alphas": alphas,
               "n_train": len(data.x_train), "n_test": len(data.x_test), "threads": threads}
     return DemoResult(curves, fixed_points(p_wm, p_am), perms, {g.name: g.size for g in spec.groups},
-                      time.perf_counter() - t_start, timings, config)
+                      time.perf_counter() - t_start, timings, config, spec, {"a": state_a, "b": state_b})
 
 
 def plot_curves(curves: Mapping[str, Curve], path: str, *, title: str = "") -> None:

@@ -21,7 +21,7 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -76,15 +76,20 @@ def _atomic_save(path: PathLike, tensors: dict[str, torch.Tensor], metadata: dic
     folder = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise FileError(f"cannot write {str(path)!r}: it is a directory; give a file name")
-    try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = str(folder / f".{path.name}.{secrets.token_hex(6)}.tmp")
+    try:  # created like any new file (mode 0o666 less the umask), unlike mkstemp's 0o600
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as exc:
         raise FileError(
             f"cannot write {str(path)!r}: {exc.strerror or exc} (the folder must exist and be writable)"
         ) from exc
     os.close(fd)
     try:
+        # the mode a new file gets here (or the one the file being replaced had): the writer
+        # below may recreate the file with its own, stricter mode
+        mode = (path if path.exists() else Path(tmp)).stat().st_mode & 0o7777
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, mode)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
