@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ZooEntry", "ZOO", "randomize_norm_stats", "check_sound"]
+__all__ = ["ZooEntry", "ZOO", "EXTRA_ZOO", "randomize_norm_stats", "check_sound"]
 
 
 def randomize_norm_stats(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
@@ -122,6 +122,30 @@ def _bert() -> nn.Module:
     return BertModel(cfg, add_pooling_layer=False)
 
 
+def _llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=0,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def _t5() -> nn.Module:
+    from transformers import T5Config, T5Model
+
+    torch.manual_seed(0)
+    return T5Model(T5Config(vocab_size=100, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4))
+
+
+def _t5_ids() -> dict[str, Any]:
+    g = torch.Generator().manual_seed(0)
+    return {"input_ids": torch.randint(0, 100, (2, 8), generator=g),
+            "decoder_input_ids": torch.randint(0, 100, (2, 8), generator=g), "use_cache": False}
+
+
 def _ids() -> dict[str, Any]:
     return {"input_ids": torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0)), "use_cache": False}
 
@@ -151,5 +175,23 @@ ZOO: dict[str, ZooEntry] = {
         ZooEntry("timm_vit_tiny", _timm("vit_tiny_patch16_224", img_size=32), _img(32), 13, "timm"),
         ZooEntry("gpt2", _gpt2, _ids, 3, "transformers"),
         ZooEntry("bert", _bert, _bert_ids, 2, "transformers"),
+    ]
+}
+
+# Beyond the named zoo: architectures with other ops and layouts (channel shuffle, grouped
+# convs, squeeze-excitation, token mixing, strided token slicing, grouped-query attention with
+# rotary embeddings, relative position buckets). Floors are hand counts where they are easy
+# (Llama: residual stream + per layer MLP, heads, query/key and value units), else 1.
+EXTRA_ZOO: dict[str, ZooEntry] = {
+    e.name: e
+    for e in [
+        ZooEntry("shufflenet_v2_x0_5", _tv("shufflenet_v2_x0_5"), _img(64), 1, "torchvision"),
+        ZooEntry("resnext50_32x4d", _tv("resnext50_32x4d"), _img(64), 37, "torchvision"),
+        ZooEntry("regnet_y_400mf", _tv("regnet_y_400mf"), _img(64), 1, "torchvision"),
+        ZooEntry("mobilenet_v3_small", _tv("mobilenet_v3_small"), _img(64), 1, "torchvision"),
+        ZooEntry("timm_mixer_s16", _timm("mixer_s16_224", img_size=64), _img(64), 9, "timm"),
+        ZooEntry("timm_levit_128s", _timm("levit_128s"), _img(224), 1, "timm"),
+        ZooEntry("llama", _llama, _ids, 9, "transformers"),
+        ZooEntry("t5", _t5, _t5_ids, 1, "transformers"),
     ]
 }

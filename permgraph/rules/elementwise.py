@@ -20,7 +20,7 @@ _ELEMENTWISE = (
     "aten.type_as", "aten._to_dim_order_copy", "aten.copy", "aten.masked_fill",
     "aten.where", "aten.nan_to_num", "aten.lerp", "aten.addcmul", "aten.addcdiv",
     "aten.pow", "aten.float_power", "aten.square", "aten.positive", "aten.__and__", "aten.__or__",
-    "aten.__xor__", "aten.__invert__", "aten.logical_not",
+    "aten.__xor__", "aten.__invert__", "aten.logical_not", "aten.min.other", "aten.max.other",
 )
 
 

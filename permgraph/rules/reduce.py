@@ -85,3 +85,17 @@ def _cumulative(op: OpCall) -> Iterator[Constraint]:
                 yield Block(b, f"{op.name}: accumulates along dim {d} in order")
             else:
                 yield Tie(a, b, op.name)
+
+
+@rule("aten.diff")
+def _diff(op: OpCall) -> Iterator[Constraint]:
+    x, out = op.tensor("self"), op.out
+    dim = norm_dim(int(op.args.get("dim", -1)), x.ndim)
+    for t in (x, op.tensor("prepend"), op.tensor("append"), out):
+        if t is None:
+            continue
+        for d in range(t.ndim):
+            if d == dim:
+                yield Block(t.axis(d), "diff: differences of neighbours along this dim")
+            else:
+                yield Tie(t.axis(d), x.axis(d), "diff: other dims")

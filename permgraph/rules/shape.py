@@ -22,6 +22,9 @@ from permgraph.rules._util import norm_dim, reshape, tie_except
 def _reshape(op: OpCall) -> Iterator[Constraint]:
     x = op.tensor("self") or op.tensor("input")
     yield from reshape(x, op.out, op.name.split(".")[1])
+    other = op.tensor("other")  # view_as / reshape_as read it for its shape only
+    if other is not None:
+        yield from (Free(a) for a in other.axes)
 
 
 @rule("aten.permute", "aten.transpose", "aten.t", "aten.swapaxes", "aten.swapdims", "aten.movedim", "aten.mT")
@@ -140,7 +143,7 @@ def _segment(op: OpCall, dim: int, start: int, stop: int) -> Iterator[Constraint
         if d != dim:
             yield Tie(x.axis(d), out.axis(d), "slice: other dims")
     seg = Cat(Fresh(start, "before"), out.axis(dim), Fresh(n - stop, "after"))
-    yield Tie(x.axis(dim), seg, f"slice [{start}:{stop}] of {n}")
+    yield Tie(x.axis(dim), seg, f"slice {start} to {stop} of {n}")
 
 
 @rule("aten.slice", "aten.narrow")
@@ -157,11 +160,16 @@ def _slice(op: OpCall) -> Iterator[Constraint]:
         start = 0 if start is None else int(start)
         start = min(max(start + n if start < 0 else start, 0), n)
     if step != 1:
-        yield Block(x.axis(dim), f"slice with step {step}", report=True)
-        yield Block(out.axis(dim), f"slice with step {step}")
         for d in range(x.ndim):
             if d != dim:
                 yield Tie(x.axis(d), out.axis(d), "slice: other dims")
+        m = out.shape[dim]
+        if start < step and n == m * step:  # x[start::step]: position start of each run of step
+            yield Tie(x.axis(dim), Prod(out.axis(dim), Fresh(step, "phase")), f"slice every {step} from {start} of {n}")
+            yield Block(Fresh(step, "phase"), f"slice every {step} from {start}, picks one position of every {step}")
+        else:
+            yield Block(x.axis(dim), f"slice every {step} from {start} of {n}, positions are picked by order")
+            yield Block(out.axis(dim), f"slice every {step} from {start} of {n}, positions are picked by order")
         return
     yield from _segment(op, dim, start, start + out.shape[dim])
 
