@@ -19,7 +19,6 @@ import torch
 from permgraph import infer
 from permgraph.testing import ZOO
 
-
 _TP_SCRIPT = """
 import resource, sys, torch, torch_pruning as tp
 from permgraph.testing import ZOO
