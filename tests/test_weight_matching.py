@@ -1,0 +1,327 @@
+"""Weight matching: exact recovery of a hidden permutation over the zoo, a real alignment of
+two trained networks, the bookkeeping (history, determinism, ``init``), and bad input.
+
+Exact recovery: B is A with every group permuted at random (``spec.apply``); weight matching
+must find the inverse, so aligned B equals A in every tensor. Norm layers get random
+statistics first (``randomize_norm_stats``): a freshly built BatchNorm/LayerNorm holds the
+same value for every unit, which tells the units apart in no way, unlike any trained model;
+and a norm tensor the permutation missed would then show as a mismatch.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import permgraph
+from permgraph import PermutationError, SpecMismatchError
+from permgraph.lap import LapError
+from permgraph.match import MatchError, WeightMatchingHistory, similarity_matrices, weight_matching
+from permgraph.testing import randomize_norm_stats
+
+
+def _recovery(model: nn.Module, inputs, seed: int = 0) -> tuple[permgraph.PermSpec, dict, dict, dict, WeightMatchingHistory]:
+    randomize_norm_stats(model, torch.Generator().manual_seed(seed))
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        spec = permgraph.infer(model, inputs)
+    a = model.state_dict()
+    hidden = spec.random_permutation(torch.Generator().manual_seed(seed + 1))
+    b = spec.apply(hidden, a)
+    perm, hist = weight_matching(spec, a, b, seed=seed, return_history=True)
+    return spec, a, b, perm, hist
+
+
+def _assert_recovered(spec: permgraph.PermSpec, a: dict, b: dict, perm: dict, hist: WeightMatchingHistory) -> None:
+    spec.check_permutation(perm)
+    aligned = spec.apply(perm, b)
+    for k, v in a.items():
+        if v.is_floating_point():
+            err = (aligned[k].double() - v.double()).abs().max().item() if v.numel() else 0.0
+            assert err <= 1e-6, f"{k} differs by {err} after alignment"
+        else:
+            assert torch.equal(aligned[k], v), k
+    # the objective climbs to its maximum, Σ|A|², and the last sweep changes nothing
+    assert hist.converged and hist.changed[-1] == []
+    assert all(y >= x - 1e-9 * abs(x) for x, y in zip(hist.objective, hist.objective[1:]))
+    keys = {m.key for g in spec.groups for m in g.members}
+    best = sum(float(a[k].double().square().sum()) for k in keys)
+    assert math.isclose(hist.objective[-1], best, rel_tol=1e-5)
+    assert hist.objective[0] < best  # the hidden permutation did move something
+
+
+def test_mlp_recovers_the_inverse() -> None:
+    model = nn.Sequential(
+        nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)
+    )
+    spec, a, b, perm, hist = _recovery(model, torch.randn(1, 64))
+    assert [g.size for g in spec.groups] == [128, 128, 128]
+    _assert_recovered(spec, a, b, perm, hist)
+    assert hist.sweeps <= 4
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_resnet_recovers_the_inverse(name: str) -> None:
+    import torchvision
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(weights=None)
+    spec, a, b, perm, hist = _recovery(model, torch.randn(1, 3, 32, 32))
+    assert len(spec.groups) >= (12 if name == "resnet18" else 37)
+    _assert_recovered(spec, a, b, perm, hist)
+
+
+def test_vit_tiny_recovers_the_inverse() -> None:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32)
+    spec, a, b, perm, hist = _recovery(model, torch.randn(1, 3, 32, 32))
+    # heads (3) and within-head units (64) of every block are groups: the joint moves align them
+    assert sum(g.size == 3 for g in spec.groups) == 12
+    _assert_recovered(spec, a, b, perm, hist)
+    assert hist.joint_moves > 0
+
+
+def test_gpt2_recovers_the_inverse() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32)
+        )
+    ids = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(0))
+    spec, a, b, perm, hist = _recovery(model, {"input_ids": ids, "use_cache": False})
+    assert any(g.size == 4 for g in spec.groups)  # the head groups
+    _assert_recovered(spec, a, b, perm, hist)
+
+
+def test_a_group_on_both_axes_of_one_weight() -> None:
+    """A residual ``h + W h``: one group permutes both axes of ``W`` (a quadratic term)."""
+
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = nn.Linear(16, 16)
+
+        def forward(self, h: torch.Tensor) -> torch.Tensor:
+            return h + self.inner(h)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), Residual(), nn.ReLU(), nn.Linear(16, 2))
+    spec, a, b, perm, hist = _recovery(model, torch.randn(2, 8))
+    group = next(g for g in spec.groups if any(m.key == "1.inner.weight" for m in g.members))
+    assert {m.axis for m in group.members if m.key == "1.inner.weight"} == {0, 1}
+    _assert_recovered(spec, a, b, perm, hist)
+
+
+@pytest.fixture(scope="module")
+def two_resnet18s() -> tuple[permgraph.PermSpec, dict, dict]:
+    import torchvision
+
+    torch.manual_seed(0)
+    a = torchvision.models.resnet18(weights=None).eval()
+    torch.manual_seed(1)
+    b = torchvision.models.resnet18(weights=None).eval()
+    spec = permgraph.infer(a, torch.randn(1, 3, 32, 32))
+    return spec, a.state_dict(), b.state_dict()
+
+
+def test_independent_models_objective_rises_and_the_result_is_a_symmetry(two_resnet18s) -> None:
+    import torchvision
+
+    spec, a, b = two_resnet18s
+    perm, hist = weight_matching(spec, a, b, return_history=True)
+    spec.check_permutation(perm)
+    assert hist.converged and hist.sweeps >= 2
+    assert len(hist.objective) == hist.sweeps + 1
+    assert all(y >= x for x, y in zip(hist.objective, hist.objective[1:]))
+    assert hist.objective[-1] > hist.objective[0] * 1.02
+    # the recorded objective is the true one
+    aligned = spec.apply(perm, b)
+    keys = {m.key for g in spec.groups for m in g.members}
+    true = sum(float((a[k].double() * aligned[k].double()).sum()) for k in keys)
+    assert math.isclose(hist.objective[-1], true, rel_tol=1e-5)
+    # a fixed point: no single group can improve any more
+    sims = similarity_matrices(spec, a, b, perm)
+    for g in spec.groups:
+        s = sims[g.name]
+        ar = torch.arange(g.size)
+        best = s[ar, permgraph.lap.solve(s)].sum()
+        assert s[ar, perm[g.name]].sum() >= best - 1e-6 * abs(float(best)), g.name
+    # aligned B computes what B computes
+    model = torchvision.models.resnet18(weights=None).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model.load_state_dict(b)
+        before = model(x)
+        model.load_state_dict(aligned)
+        after = model(x)
+    assert torch.allclose(before, after, rtol=1e-4, atol=1e-5)
+
+
+def test_same_seed_same_answer_and_lap_backends_agree(two_resnet18s) -> None:
+    spec, a, b = two_resnet18s
+    p1, h1 = weight_matching(spec, a, b, seed=3, return_history=True)
+    p2, h2 = weight_matching(spec, a, b, seed=3, lap="scipy", return_history=True)
+    assert h1.sweeps == h2.sweeps
+    assert math.isclose(h1.objective[-1], h2.objective[-1], rel_tol=1e-9)
+    assert all(torch.equal(p1[k], p2[k]) for k in p1)
+
+
+def test_starting_at_the_answer_changes_nothing() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2))
+    spec = permgraph.infer(model, torch.randn(2, 8))
+    a = model.state_dict()
+    hidden = spec.random_permutation(torch.Generator().manual_seed(5))
+    b = spec.apply(hidden, a)
+    perm, hist = weight_matching(spec, a, b, init=spec.inverse(hidden), return_history=True)
+    assert hist.sweeps == 1 and hist.changed == [[]]
+    assert all(torch.equal(perm[k], v) for k, v in spec.inverse(hidden).items())
+
+
+def test_float64_weights_and_progress_bar(capsys: pytest.CaptureFixture[str]) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2)).double()
+    spec = permgraph.infer(model, torch.randn(2, 8, dtype=torch.float64))
+    a = model.state_dict()
+    b = spec.apply(spec.random_permutation(torch.Generator().manual_seed(1)), a)
+    perm = weight_matching(spec, a, b, progress=True)
+    assert all(torch.equal(spec.apply(perm, b)[k], a[k]) for k in a)
+    assert "weight matching" in capsys.readouterr().err
+
+
+def test_max_iter_bounds_the_sweeps(two_resnet18s) -> None:
+    spec, a, b = two_resnet18s
+    perm, hist = weight_matching(spec, a, b, max_iter=1, return_history=True)
+    assert hist.sweeps == 1 and not hist.converged
+    spec.check_permutation(perm)
+
+
+def test_a_spec_without_groups() -> None:
+    model = nn.Linear(4, 2)
+    spec = permgraph.infer(model, torch.randn(1, 4))
+    assert spec.groups == ()
+    assert weight_matching(spec, model.state_dict(), model.state_dict()) == {}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tensors_stay_on_the_device() -> None:  # pragma: no cover - runs where a GPU is present
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2))
+    spec = permgraph.infer(model, torch.randn(2, 8))
+    a = {k: v.cuda() for k, v in model.state_dict().items()}
+    b = spec.apply(spec.random_permutation(torch.Generator().manual_seed(1)), a)
+    perm = weight_matching(spec, a, b)
+    aligned = spec.apply(perm, b)
+    assert all(aligned[k].device.type == "cuda" and torch.equal(aligned[k], a[k]) for k in a)
+
+
+# -- two trained networks ---------------------------------------------------------------
+
+
+def _digits_mlp(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)
+    )
+
+
+def _train_digits(seed: int, x: torch.Tensor, y: torch.Tensor, steps: int = 150) -> nn.Module:
+    model = _digits_mlp(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3, foreach=False)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (128,), generator=gen)
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def test_two_trained_mlps_merge_far_better_after_weight_matching() -> None:
+    datasets = pytest.importorskip("sklearn.datasets")
+    data, target = datasets.load_digits(return_X_y=True)
+    x, y = torch.tensor(data, dtype=torch.float32) / 16.0, torch.tensor(target)
+    model_a, model_b = _train_digits(1, x, y), _train_digits(2, x, y)
+    spec = permgraph.infer(model_a, x[:4])
+    a, b = model_a.state_dict(), model_b.state_dict()
+
+    def midpoint_loss(perm: dict) -> float:
+        aligned = spec.apply(perm, b)
+        probe = _digits_mlp(0)
+        probe.load_state_dict({k: 0.5 * (a[k] + aligned[k]) for k in a})
+        with torch.no_grad():
+            return nn.functional.cross_entropy(probe(x), y).item()
+
+    naive = midpoint_loss(spec.identity())
+    matched = midpoint_loss(weight_matching(spec, a, b))
+    # the endpoints are good (< 0.2) and the naive midpoint is not: a barrier to remove
+    assert naive > 0.8
+    assert matched < 0.3 * naive, (matched, naive)
+
+
+# -- bad input ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mlp_spec() -> tuple[permgraph.PermSpec, dict]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2))
+    return permgraph.infer(model, torch.randn(2, 8)), model.state_dict()
+
+
+def test_state_dicts_of_another_architecture_name_the_key_and_shapes(mlp_spec) -> None:
+    spec, a = mlp_spec
+    wider = nn.Sequential(nn.Linear(8, 48), nn.ReLU(), nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 2)).state_dict()
+    with pytest.raises(SpecMismatchError) as info:
+        weight_matching(spec, a, wider)
+    msg = str(info.value)
+    assert "state_b" in msg and "'0.weight'" in msg and "(48, 8)" in msg and "(32, 8)" in msg
+    deeper = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.Linear(32, 2))
+    with pytest.raises(SpecMismatchError, match="state_a.*unexpected keys"):
+        weight_matching(spec, deeper.state_dict(), a)
+    with pytest.raises(SpecMismatchError, match="missing keys"):
+        weight_matching(spec, a, {k: v for k, v in a.items() if k != "2.bias"})
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_weights_name_the_tensor(mlp_spec, bad: float) -> None:
+    spec, a = mlp_spec
+    b = dict(a)
+    b["2.weight"] = a["2.weight"].clone()
+    b["2.weight"][3, 4] = bad
+    with pytest.raises(SpecMismatchError, match=r"state_b\['2.weight'\] has non-finite values"):
+        weight_matching(spec, a, b)
+    with pytest.raises(SpecMismatchError, match=r"state_a\['2.weight'\]"):
+        weight_matching(spec, b, a)
+
+
+def test_bad_arguments(mlp_spec) -> None:
+    spec, a = mlp_spec
+    with pytest.raises(MatchError, match="max_iter"):
+        weight_matching(spec, a, a, max_iter=0)
+    with pytest.raises(LapError, match="unknown LAP backend"):
+        weight_matching(spec, a, a, lap="magic")
+    with pytest.raises(PermutationError):
+        weight_matching(spec, a, a, init={"nope": torch.arange(3)})
+    with pytest.raises(MatchError, match="PermSpec"):
+        weight_matching("not a spec", a, a)  # type: ignore[arg-type]
+    with pytest.raises(SpecMismatchError, match="mapping"):
+        weight_matching(spec, a, [1, 2])  # type: ignore[arg-type]
+
+
+def test_inputs_are_not_modified(mlp_spec) -> None:
+    spec, a = mlp_spec
+    b = spec.apply(spec.random_permutation(torch.Generator().manual_seed(2)), a)
+    a0, b0 = copy.deepcopy(a), copy.deepcopy(b)
+    weight_matching(spec, a, b)
+    assert all(torch.equal(a[k], a0[k]) and torch.equal(b[k], b0[k]) for k in a)
