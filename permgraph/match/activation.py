@@ -65,16 +65,23 @@ def _base(target: str) -> str:
 class ActivationStats:
     """Streaming cross-statistics of ``n`` units of A against ``n`` units of B.
 
+    The sums are of the data shifted by the first batch's means (``shift_a``, ``shift_b``):
+    the centred moments then lose no precision to large means, and the raw ones (for the
+    cosine) follow exactly.
+
     Attributes:
         count: number of samples seen.
-        sum_a, sum_b: per-unit sums (float64).
-        sq_a, sq_b: per-unit sums of squares (float64).
-        cross: ``Σ x_aᵀ x_b``, ``(n, n)`` (float64).
+        shift_a, shift_b: the per-unit shifts (float64).
+        sum_a, sum_b: per-unit sums of the shifted data (float64).
+        sq_a, sq_b: per-unit sums of its squares (float64).
+        cross: ``Σ (x_a - shift_a)ᵀ (x_b - shift_b)``, ``(n, n)`` (float64).
     """
 
     n: int
     device: torch.device
     count: float = 0.0
+    shift_a: torch.Tensor | None = None
+    shift_b: torch.Tensor | None = None
     sum_a: torch.Tensor = field(init=False)
     sum_b: torch.Tensor = field(init=False)
     sq_a: torch.Tensor = field(init=False)
@@ -90,15 +97,18 @@ class ActivationStats:
         """Add ``(samples, n)`` observations of A's and B's units."""
         xa = xa.to(self.device)
         xb = xb.to(self.device)
-        if not xa.is_floating_point():
+        if xa.dtype not in (torch.float32, torch.float64):
             xa, xb = xa.float(), xb.float()
+        if self.shift_a is None or self.shift_b is None:
+            self.shift_a = xa.mean(0, dtype=torch.float64)
+            self.shift_b = xb.mean(0, dtype=torch.float64)
+        xa = xa - self.shift_a.to(xa.dtype)
+        xb = xb - self.shift_b.to(xb.dtype)
         self.count += xa.shape[0]
         self.sum_a += xa.sum(0, dtype=torch.float64)
         self.sum_b += xb.sum(0, dtype=torch.float64)
         self.sq_a += xa.square().sum(0, dtype=torch.float64)
         self.sq_b += xb.square().sum(0, dtype=torch.float64)
-        if xa.dtype in (torch.float16, torch.bfloat16):
-            xa, xb = xa.float(), xb.float()
         self.cross += (xa.T @ xb).to(torch.float64)
 
     def similarity(self, method: str = "correlation") -> torch.Tensor:
@@ -113,9 +123,15 @@ class ActivationStats:
             similarity to every unit.
         """
         n = max(self.count, 1.0)
+        zero = torch.zeros(self.n, dtype=torch.float64, device=self.device)
+        ca = self.shift_a if self.shift_a is not None else zero
+        cb = self.shift_b if self.shift_b is not None else zero
         if method == "cosine":
-            na, nb = self.sq_a.sqrt(), self.sq_b.sqrt()
-            out = self.cross / (_safe(na)[:, None] * _safe(nb)[None, :])
+            cross = self.cross + ca[:, None] * self.sum_b[None, :] + self.sum_a[:, None] * cb[None, :]
+            cross += self.count * ca[:, None] * cb[None, :]
+            na = (self.sq_a + 2 * ca * self.sum_a + self.count * ca.square()).clamp_min(0).sqrt()
+            nb = (self.sq_b + 2 * cb * self.sum_b + self.count * cb.square()).clamp_min(0).sqrt()
+            out = cross / (_safe(na)[:, None] * _safe(nb)[None, :])
         else:
             mean_a, mean_b = self.sum_a / n, self.sum_b / n
             out = self.cross / n - mean_a[:, None] * mean_b[None, :]
@@ -328,7 +344,9 @@ def _signature(flat: list[Any]) -> tuple[Any, ...]:
     return tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else ("const", repr(x)) for x in flat)
 
 
-def _flatten(spec: PermSpec, batch: Any) -> list[Any]:
+def _flatten(spec: PermSpec, batch: Any) -> tuple[list[Any], Any]:
+    """The batch's flat inputs in the traced order, and the batch with its keyword
+    arguments in that order."""
     args, kwargs = as_args(batch)
     in_spec = spec.traced.program.call_spec.in_spec
     try:
@@ -344,7 +362,7 @@ def _flatten(spec: PermSpec, batch: Any) -> list[Any]:
             f"(got {tree}, expected {in_spec}); pass each batch as a Tensor, tuple of positional "
             "arguments or dict of keyword arguments, like infer's example_inputs"
         )
-    return flat
+    return flat, (kwargs if kwargs else args)
 
 
 def _check_models(spec: PermSpec, model_a: Any, model_b: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -430,11 +448,11 @@ def _accumulate(spec: PermSpec, model_a: torch.nn.Module, model_b: torch.nn.Modu
     try:
         with torch.no_grad():
             for batch in batches:
-                flat = _flatten(spec, batch)
+                flat, canonical = _flatten(spec, batch)
                 sig = _signature(flat)
                 runner = runners.get(sig)
                 if runner is None:
-                    traced = spec.traced if sig == example else _retrace(spec, model_a, batch, plan)
+                    traced = spec.traced if sig == example else _retrace(spec, model_a, canonical, plan)
                     runner = runners[sig] = _Runner(traced, model_a, model_b, state_a, state_b)
                 runner.run(flat, plan, stats)
                 seen += 1

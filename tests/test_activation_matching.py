@@ -1,0 +1,276 @@
+"""Activation matching: recovery of a hidden permutation (MLP, resnet18, GPT-2 with its
+heads), streaming statistics that do not depend on how the data is batched, a real
+alignment of two trained networks, and bad input."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import permgraph
+from permgraph import SpecMismatchError
+from permgraph.match import ActivationStats, MatchError, activation_matching, activation_similarity
+
+
+def _mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)
+    ).eval()
+
+
+def _permuted_copy(spec: permgraph.PermSpec, model: nn.Module, seed: int = 0) -> tuple[nn.Module, dict]:
+    hidden = spec.random_permutation(torch.Generator().manual_seed(seed))
+    other = copy.deepcopy(model)
+    other.load_state_dict(spec.apply(hidden, model.state_dict()))
+    return other, spec.inverse(hidden)
+
+
+def _batches(shape: tuple[int, ...], count: int) -> list[torch.Tensor]:
+    return [torch.randn(*shape, generator=torch.Generator().manual_seed(100 + i)) for i in range(count)]
+
+
+def test_mlp_recovers_the_hidden_permutation_of_every_live_unit() -> None:
+    model = _mlp()
+    spec = permgraph.infer(model, torch.randn(1, 64))
+    other, inverse = _permuted_copy(spec, model)
+    batches = _batches((64, 64), 8)
+    perm = activation_matching(spec, model, other, batches)
+    spec.check_permutation(perm)
+    # a unit whose ReLU output never varies (dead on this data) looks like every other dead
+    # unit: no data tells them apart. Every other unit must be matched exactly.
+    outputs: list[torch.Tensor] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for m in model if isinstance(m, nn.ReLU)]
+    with torch.no_grad():
+        model(torch.cat(batches))
+    for h in hooks:
+        h.remove()
+    for group, act in zip(spec.groups, outputs):
+        live = act.std(0) > 0
+        assert live.float().mean() > 0.9, f"too few live units in {group.name} for a meaningful test"
+        assert torch.equal(perm[group.name][live], inverse[group.name][live]), group.name
+    # the live units' weights line up exactly
+    aligned = spec.apply(perm, other.state_dict())
+    live_rows = outputs[0].std(0) > 0
+    assert torch.equal(aligned["0.weight"][live_rows], model.state_dict()["0.weight"][live_rows])
+
+
+def _resnet18_with_calibrated_norms(batches: list[torch.Tensor]) -> nn.Module:
+    """A resnet18 whose BatchNorm statistics are those of the data, as in a trained model
+    (a fresh one's identity statistics leave deep units dead on random inputs)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # a plain average over the calibration batches
+    model.train()
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def calibrated_resnet18() -> tuple[nn.Module, permgraph.PermSpec, list[torch.Tensor]]:
+    batches = _batches((8, 3, 32, 32), 4)
+    model = _resnet18_with_calibrated_norms(batches)
+    return model, permgraph.infer(model, batches[0]), batches
+
+
+def test_resnet18_recovers_the_hidden_permutation(calibrated_resnet18) -> None:
+    model, spec, batches = calibrated_resnet18
+    other, inverse = _permuted_copy(spec, model, seed=3)
+    # a ragged last batch: another shape than the traced one, traced again behind the scenes
+    perm = activation_matching(spec, model, other, batches + [batches[0][:3]])
+    for g in spec.groups:
+        assert torch.equal(perm[g.name], inverse[g.name]), g.name
+    aligned = spec.apply(perm, other.state_dict())
+    for k, v in model.state_dict().items():
+        assert torch.equal(aligned[k], v), k
+
+
+def test_gpt2_recovers_heads_and_within_head_units_from_keyword_batches() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32)
+        ).eval()
+        ids = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(0))
+        spec = permgraph.infer(model, {"input_ids": ids, "use_cache": False})
+    other, inverse = _permuted_copy(spec, model, seed=1)
+    batches = [
+        {"use_cache": False, "input_ids": torch.randint(0, 100, (4, 8), generator=torch.Generator().manual_seed(i))}
+        for i in range(4)
+    ]
+    perm = activation_matching(spec, model, other, batches)
+    heads = [g.name for g in spec.groups if g.size == 4]
+    assert heads
+    for g in spec.groups:
+        assert torch.equal(perm[g.name], inverse[g.name]), g.name
+
+
+@pytest.mark.parametrize("method", ["covariance", "cosine"])
+def test_other_similarities_also_recover(calibrated_resnet18, method: str) -> None:
+    model, spec, batches = calibrated_resnet18
+    other, inverse = _permuted_copy(spec, model, seed=4)
+    perm = activation_matching(spec, model, other, batches, method=method)
+    assert all(torch.equal(perm[g.name], inverse[g.name]) for g in spec.groups)
+
+
+def test_statistics_stream_the_same_whatever_the_batching() -> None:
+    model_a, model_b = _mlp(0), _mlp(1)
+    spec = permgraph.infer(model_a, torch.randn(1, 64))
+    data = torch.randn(96, 64, generator=torch.Generator().manual_seed(7))
+    whole, sizes = activation_similarity(spec, model_a, model_b, [data])
+    parts, _ = activation_similarity(spec, model_a, model_b, (data[i : i + 32] for i in range(0, 96, 32)))
+    assert whole.keys() == parts.keys() == {(g.name,) for g in spec.groups}
+    for key in whole:
+        assert whole[key].shape == (sizes[key[0]], sizes[key[0]])
+        assert torch.allclose(whole[key], parts[key], atol=1e-5)
+    # and they are Pearson correlations of the ReLU outputs
+    hidden: list[torch.Tensor] = []
+    hooks = [model_a[1].register_forward_hook(lambda _m, _i, out: hidden.append(out))]
+    hooks.append(model_b[1].register_forward_hook(lambda _m, _i, out: hidden.append(out)))
+    with torch.no_grad():
+        model_a(data)
+        model_b(data)
+    for h in hooks:
+        h.remove()
+    a, b = hidden[0].double(), hidden[1].double()
+    corr = torch.corrcoef(torch.cat([a, b], 1).T)[:128, 128:]
+    live = (a.std(0) > 0)[:, None] & (b.std(0) > 0)[None, :]
+    assert torch.allclose(whole[("0",)][live], corr[live], atol=1e-6)
+    assert torch.all(whole[("0",)][~live] == 0)
+
+
+def test_activation_stats_methods() -> None:
+    gen = torch.Generator().manual_seed(0)
+    xa = torch.randn(500, 3, generator=gen) * torch.tensor([1.0, 2.0, 3.0]) + 5
+    xb = torch.stack([xa[:, 2] * 2, -xa[:, 0], xa[:, 1] + 1], 1)
+    stats = ActivationStats(3, torch.device("cpu"))
+    stats.update(xa[:200], xb[:200])
+    stats.update(xa[200:], xb[200:])
+    corr = stats.similarity("correlation")
+    assert torch.allclose(corr[0, 1], torch.tensor(-1.0, dtype=torch.float64))
+    assert torch.allclose(corr[1, 2], torch.tensor(1.0, dtype=torch.float64))
+    assert torch.allclose(corr[2, 0], torch.tensor(1.0, dtype=torch.float64))
+    cov = stats.similarity("covariance")
+    ref = torch.cov(torch.cat([xa, xb], 1).T.double(), correction=0)[:3, 3:]
+    assert torch.allclose(cov, ref, rtol=1e-5)
+    cos = stats.similarity("cosine")
+    ref_cos = nn.functional.normalize(xa.double(), dim=0).T @ nn.functional.normalize(xb.double(), dim=0)
+    assert torch.allclose(cos, ref_cos, atol=1e-9)
+
+
+def test_two_trained_mlps_merge_far_better_after_activation_matching() -> None:
+    datasets = pytest.importorskip("sklearn.datasets")
+    data, target = datasets.load_digits(return_X_y=True)
+    x, y = torch.tensor(data, dtype=torch.float32) / 16.0, torch.tensor(target)
+
+    def train(seed: int) -> nn.Module:
+        model = _mlp(seed).train()
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3, foreach=False)
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(150):
+            idx = torch.randint(0, len(x), (128,), generator=gen)
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return model.eval()
+
+    model_a, model_b = train(1), train(2)
+    spec = permgraph.infer(model_a, x[:4])
+    a, b = model_a.state_dict(), model_b.state_dict()
+
+    def midpoint_loss(perm: dict) -> float:
+        aligned = spec.apply(perm, b)
+        probe = _mlp()
+        probe.load_state_dict({k: 0.5 * (a[k] + aligned[k]) for k in a})
+        with torch.no_grad():
+            return nn.functional.cross_entropy(probe(x), y).item()
+
+    naive = midpoint_loss(spec.identity())
+    matched = midpoint_loss(activation_matching(spec, model_a, model_b, x.split(256)))
+    assert naive > 0.8
+    assert matched < 0.3 * naive, (matched, naive)
+
+
+# -- bad input ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mlp_pair() -> tuple[permgraph.PermSpec, nn.Module, nn.Module]:
+    model_a, model_b = _mlp(0), _mlp(1)
+    return permgraph.infer(model_a, torch.randn(1, 64)), model_a, model_b
+
+
+def test_no_batches(mlp_pair) -> None:
+    spec, a, b = mlp_pair
+    with pytest.raises(MatchError, match="empty"):
+        activation_matching(spec, a, b, [])
+    with pytest.raises(MatchError, match="empty"):
+        activation_matching(spec, a, b, iter(()))
+
+
+def test_a_single_tensor_is_not_an_iterable_of_batches(mlp_pair) -> None:
+    spec, a, b = mlp_pair
+    with pytest.raises(MatchError, match=r"wrap it: \[batch\]"):
+        activation_matching(spec, a, b, torch.randn(8, 64))
+
+
+def test_unknown_method(mlp_pair) -> None:
+    spec, a, b = mlp_pair
+    with pytest.raises(MatchError, match="correlation, covariance, cosine"):
+        activation_matching(spec, a, b, [torch.randn(4, 64)], method="euclid")
+
+
+def test_a_model_of_another_architecture_names_the_key_and_shapes(mlp_pair) -> None:
+    spec, a, _ = mlp_pair
+    wider = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
+                          nn.Linear(128, 10))
+    with pytest.raises(SpecMismatchError) as info:
+        activation_matching(spec, a, wider, [torch.randn(4, 64)])
+    msg = str(info.value)
+    assert "model_b" in msg and "'0.weight'" in msg and "(256, 64)" in msg and "(128, 64)" in msg
+
+
+def test_nan_weights_name_the_tensor(mlp_pair) -> None:
+    spec, a, b = mlp_pair
+    broken = copy.deepcopy(b)
+    with torch.no_grad():
+        broken[2].bias[5] = float("nan")
+    with pytest.raises(SpecMismatchError, match=r"model_b.state_dict\(\)\['2.bias'\] has non-finite"):
+        activation_matching(spec, a, broken, [torch.randn(4, 64)])
+
+
+def test_a_spec_without_its_graph(mlp_pair) -> None:
+    spec, a, b = mlp_pair
+    loaded = permgraph.PermSpec.from_dict(spec.to_dict())
+    with pytest.raises(MatchError, match="no traced graph"):
+        activation_matching(loaded, a, b, [torch.randn(4, 64)])
+
+
+def test_batches_unlike_the_example_inputs(mlp_pair) -> None:
+    spec, a, b = mlp_pair
+    with pytest.raises(MatchError, match="structured differently"):
+        activation_matching(spec, a, b, [{"x": torch.randn(4, 64)}])
+
+
+def test_models_are_left_as_they_were(mlp_pair) -> None:
+    spec, a, b = mlp_pair
+    a.train()
+    before = copy.deepcopy(b.state_dict())
+    activation_matching(spec, a, b, [torch.randn(4, 64)])
+    assert a.training and not b.training
+    assert all(torch.equal(v, before[k]) for k, v in b.state_dict().items())
+    a.eval()
