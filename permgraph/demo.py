@@ -262,9 +262,10 @@ class DemoResult:
         acc, loss = naive.accuracy or [], naive.loss
         widths = "-".join(map(str, c.get("widths", ())))
         lines = [
-            f"Two MLPs ({widths}, ReLU) trained on scikit-learn digits from seeds {c.get('seed_a')} and {c.get('seed_b')}, "
-            f"{c.get('epochs')} epochs each; evaluated on {c.get('n_test')} held-out digits.",
-            f"  model A: loss {loss[0]:.4f}, accuracy {acc[0]:.2%}    model B: loss {loss[-1]:.4f}, accuracy {acc[-1]:.2%}",
+            f"Two MLPs {widths} (ReLU) trained from seeds {c.get('seed_a')} and {c.get('seed_b')}, {c.get('epochs')} epochs "
+            f"each on {c.get('n_train')} scikit-learn digits",
+            f"  on {c.get('n_test')} held-out digits: model A loss {loss[0]:.4f}, accuracy {acc[0]:.2%}; "
+            f"model B loss {loss[-1]:.4f}, accuracy {acc[-1]:.2%}",
             f"  groups: {', '.join(f'{g} ({n} units)' for g, n in self.groups.items())}",
             "",
             f"  {'interpolating A and B':<22} {'loss barrier':>13} {'accuracy barrier':>17} {'loss at alpha=0.5':>18}",

@@ -285,9 +285,9 @@ class Correction:
     reason: str = ""
 
     def __str__(self) -> str:
-        where = f"{self.module or '<root>'} ({self.op})"
-        what = ", ".join(self.keys) if not self.reason else self.reason
-        return f"{where} [{', '.join(self.groups)}]: {what}"
+        where = f"{self.module or '<root>'} ({self.op}, group{'s' if len(self.groups) > 1 else ''} {', '.join(self.groups)})"
+        what = f"set {', '.join(self.keys)}" if not self.reason else self.reason
+        return f"{where}: {what}"
 
 
 @dataclass
