@@ -1,5 +1,6 @@
 """permgraph: find, apply and use the permutation symmetries of any PyTorch model."""
 
+from permgraph.align import align
 from permgraph.analysis import infer
 from permgraph.errors import (
     LapError,
@@ -10,6 +11,17 @@ from permgraph.errors import (
     UnsupportedOpError,
     VerificationError,
 )
+from permgraph.io import load_aligned, load_permutation, save_aligned, save_permutation
+from permgraph.match import activation_matching, weight_matching
+from permgraph.merge import interpolate, repair, reset_batchnorm
+from permgraph.metrics import (
+    accuracy_barrier,
+    fixed_points,
+    interpolation_curve,
+    loss_barrier,
+    strong_connectivity,
+    weak_connectivity,
+)
 from permgraph.rules import rule
 from permgraph.spec import Group, Layout, Member, PermSpec, Permutation, Unsupported
 from permgraph.trace import trace
@@ -17,6 +29,7 @@ from permgraph.trace import trace
 __version__ = "0.1.0"
 
 __all__ = [
+    # groups
     "infer",
     "trace",
     "rule",
@@ -26,6 +39,26 @@ __all__ = [
     "Layout",
     "Unsupported",
     "Permutation",
+    # matching
+    "align",
+    "weight_matching",
+    "activation_matching",
+    # merging and metrics
+    "interpolate",
+    "reset_batchnorm",
+    "repair",
+    "interpolation_curve",
+    "loss_barrier",
+    "accuracy_barrier",
+    "weak_connectivity",
+    "strong_connectivity",
+    "fixed_points",
+    # files
+    "save_permutation",
+    "load_permutation",
+    "save_aligned",
+    "load_aligned",
+    # errors
     "PermGraphError",
     "TraceError",
     "UnsupportedOpError",

@@ -307,8 +307,53 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _align(args: argparse.Namespace) -> int:
+    from permgraph.io import save_aligned, save_permutation
+    from permgraph.match import activation_matching, weight_matching
+
+    if args.data:
+        x, _ = _load_data(args.data)
+        example = x[:2]
+    else:
+        example = make_input(args.input_shape, args.input_dtype, args.input_high)
+    spec, model, state_a, state_b = _spec_and_models(args, example)
+    t0 = time.perf_counter()
+    if args.method == "weight":
+        perm = weight_matching(spec, state_a, state_b, seed=args.seed, progress=not args.quiet)
+    else:
+        if not args.data:
+            raise PermGraphError("--method activation needs --data (the activations are measured on it)")
+        model_b = load_model(args.model, _pairs(args.build_arg, "--build-arg"))
+        model.load_state_dict(state_a)
+        model_b.load_state_dict(state_b)
+        batches = [x[i:i + args.batch_size] for i in range(0, len(x), args.batch_size)]
+        perm = activation_matching(spec, model, model_b, batches, progress=not args.quiet)
+    seconds = time.perf_counter() - t0
+    aligned = spec.apply(perm, state_b)
+    out = save_aligned(args.out, aligned, spec=spec)
+    if args.perm_out:
+        save_permutation(args.perm_out, spec, perm)
+    rows = []
+    for g in spec.groups:
+        moved = float((perm[g.name] != torch.arange(g.size)).float().mean())
+        before = sum(float((state_a[m.key] - state_b[m.key]).float().norm()) for m in g.members[:1])
+        after = sum(float((state_a[m.key] - aligned[m.key]).float().norm()) for m in g.members[:1])
+        rows.append({"group": g.name, "size": g.size, "moved": moved, "distance_before": before, "distance_after": after})
+    if args.json:
+        print(json.dumps({"aligned": str(out), "permutation": args.perm_out, "method": args.method,
+                          "seconds": round(seconds, 3), "groups": rows}, indent=1))
+        return 0
+    print(f"{args.method} matching: {len(spec.groups)} groups, {spec.num_units} units in {seconds:.2f} s; "
+          f"B aligned to A written to {out}" + (f", permutation to {args.perm_out}" if args.perm_out else ""))
+    w = max([len("group")] + [len(r["group"]) for r in rows])
+    print(f"  {'group':<{w}}  {'size':>5}  {'moved':>6}  ||A-B|| of first member: before -> after")
+    for r in rows:
+        print(f"  {r['group']:<{w}}  {r['size']:>5}  {r['moved']:>6.1%}  {r['distance_before']:.4g} -> {r['distance_after']:.4g}")
+    return 0
+
+
 def _add_end_to_end_commands(sub: Any) -> None:
-    """The ``demo``, ``barrier`` and ``export`` subcommands."""
+    """The ``demo``, ``align``, ``barrier`` and ``export`` subcommands."""
     demo = sub.add_parser("demo", help="train two MLPs on digits, align them, print the barriers (Git Re-Basin in a minute)")
     demo.add_argument("--json", action="store_true", help="print the results as JSON")
     demo.add_argument("--plot", metavar="FILE.png", help="save the interpolation curves (needs matplotlib)")
@@ -329,6 +374,19 @@ def _add_end_to_end_commands(sub: Any) -> None:
         p.add_argument("--build-arg", action="append", metavar="KEY=VALUE", help="keyword for CALLABLE")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         p.add_argument("--json", action="store_true", help="print the results as JSON")
+
+    ali = sub.add_parser("align", help="align checkpoint B to checkpoint A and write B's aligned weights")
+    common(ali)
+    ali.add_argument("--out", required=True, metavar="FILE", help="aligned weights of B to write (.safetensors)")
+    ali.add_argument("--perm-out", metavar="FILE", help="also write the permutation (.safetensors)")
+    ali.add_argument("--method", choices=("weight", "activation"), default="weight", help="matcher (default weight)")
+    ali.add_argument("--data", help="data source (as for barrier): the example input, and activations for --method activation")
+    ali.add_argument("--batch-size", type=int, default=256, help="batch size for activation matching (default 256)")
+    ali.add_argument("--input-shape", default="1,3,224,224", help="shape of the example input when there is no --data")
+    ali.add_argument("--input-dtype", default="float32", help="float32 (default), float64 or int64")
+    ali.add_argument("--input-high", type=int, default=2, help="int64 inputs are drawn from [0, HIGH)")
+    ali.add_argument("--seed", type=int, default=0, help="seed of weight matching's visiting order")
+    ali.set_defaults(func=_align)
 
     bar = sub.add_parser("barrier", help="loss and accuracy barriers between two checkpoints, naive and aligned")
     common(bar)

@@ -7,6 +7,7 @@ no tensor can be forgotten; every node carries its shape (``meta["val"]``) and m
 
 from __future__ import annotations
 
+import logging
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -87,6 +88,10 @@ def trace(model: torch.nn.Module, example_inputs: ExampleInputs) -> Traced:
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
+    # a failed export logs the fake-tensor traceback at ERROR level; the TraceError below says it better
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)
     try:
         try:
             program = torch.export.export(model, args, kwargs, strict=False)
@@ -110,6 +115,7 @@ def trace(model: torch.nn.Module, example_inputs: ExampleInputs) -> Traced:
             ) from exc
     finally:
         model.train(was_training)
+        fake_log.setLevel(level)
     seconds = time.perf_counter() - t0
 
     by_id: dict[int, list[str]] = {}
