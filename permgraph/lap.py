@@ -30,7 +30,7 @@ import torch
 
 from permgraph.errors import LapError
 
-__all__ = ["solve", "available_backends", "BACKENDS", "AUTO_MIN_SIZE", "AUTO_ORDER"]
+__all__ = ["solve", "solve_cost", "available_backends", "BACKENDS", "AUTO_MIN_SIZE", "AUTO_ORDER"]
 
 #: Below this size ``"auto"`` uses scipy; measured by ``benchmarks/lap.py``.
 AUTO_MIN_SIZE = 32
@@ -171,5 +171,27 @@ def solve(similarity: torch.Tensor | np.ndarray, maximize: bool = True, backend:
     if n == 1:
         return torch.zeros(1, dtype=torch.int64)
     cost = np.ascontiguousarray(-m if maximize else m)
+    cols = BACKENDS[name][1](cost)
+    return torch.from_numpy(np.asarray(cols, dtype=np.int64).copy())
+
+
+def solve_cost(cost: np.ndarray, backend: str = "auto") -> torch.Tensor:
+    """Minimise ``Σ_i cost[i, p[i]]`` without checking the matrix: the fast path of callers
+    that built it themselves (a matcher in its inner loop).
+
+    Args:
+        cost: a square, finite, float64, C-contiguous array (not modified).
+        backend: as in :func:`solve`.
+
+    Returns:
+        An int64 CPU tensor ``p``: row ``i`` is assigned column ``p[i]``.
+
+    Raises:
+        LapError: the backend is unknown or not installed.
+    """
+    n = cost.shape[0]
+    name = _pick(n, backend)
+    if n <= 1:
+        return torch.zeros(n, dtype=torch.int64)
     cols = BACKENDS[name][1](cost)
     return torch.from_numpy(np.asarray(cols, dtype=np.int64).copy())

@@ -158,3 +158,14 @@ def _is_auto_fallback_scipy_or_other(lap_module) -> bool:
     if lap_module._pick(1000, "auto") != "scipy":
         return False
     return solve(np.eye(100) + 0.0, backend="auto").tolist() == list(range(100))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_solve_cost_is_solve_without_checks_and_leaves_the_matrix_alone(backend: str) -> None:
+    from permgraph.lap import solve_cost
+
+    m = np.random.default_rng(3).random((150, 150))
+    before = m.copy()
+    p = solve_cost(m, backend=backend)
+    assert np.array_equal(m, before)
+    assert _objective(m, p) == pytest.approx(_objective(m, solve(m, maximize=False, backend="scipy")), rel=1e-12)

@@ -238,14 +238,15 @@ class _Problem:
         return gather_units(self.b[key], axis, lay, idx.get(axis), gathers)
 
     def _add(self, gi: int, bucket: int, a: torch.Tensor, b: torch.Tensor) -> None:
-        """``S_g[bucket] += a · bᵀ``."""
+        """``S_g[bucket] += a · bᵀ``; the buckets hold ``-S_g`` (the LAP's cost, so handing it
+        to the LAP is one copy)."""
         s = self.S[gi][bucket]
         if s is None:
-            self.S[gi][bucket] = a @ b.T
+            self.S[gi][bucket] = torch.mm(a, b.T).neg_()
         elif s.device == a.device:
-            s.addmm_(a, b.T)
+            s.addmm_(a, b.T, alpha=-1)
         else:
-            s.add_((a @ b.T).to(s.device))
+            s.sub_((a @ b.T).to(s.device))
 
     def refresh(self, gi: int, perm: list[torch.Tensor], hist: WeightMatchingHistory) -> None:
         """Bring ``S_g`` up to date with the current permutations of the other groups.
@@ -286,9 +287,9 @@ class _Problem:
             hist.gemm_flops += 2 * n * n * a.shape[1]
             mem.used = idx
 
-    def similarity(self, gi: int, perm: list[torch.Tensor], hist: WeightMatchingHistory, plain_only: bool = False) -> torch.Tensor:
-        """``S_g`` of group ``gi`` under the permutations of the others, on the members'
-        device (only the members outside nests when ``plain_only``)."""
+    def cost(self, gi: int, perm: list[torch.Tensor], hist: WeightMatchingHistory, plain_only: bool = False) -> torch.Tensor:
+        """``-S_g`` of group ``gi`` under the permutations of the others, on the members'
+        device (only the members outside nests when ``plain_only``); not to be modified."""
         self.refresh(gi, perm, hist)
         plain, nested = self.S[gi]
         if plain_only or nested is None:
@@ -300,7 +301,7 @@ class _Problem:
         ``S[i, j] = (plain members) + Σ_inner max_σ Σ_u M_ij[u, σ(u)]``."""
         n = self.sizes[gi]
         nests = self.nests[gi]
-        s = self.similarity(gi, perm, hist, plain_only=True).to(device="cpu", dtype=torch.float64, copy=True)
+        s = self.cost(gi, perm, hist, plain_only=True).to(device="cpu", dtype=torch.float64, copy=True).neg_()
         blocks: dict[int, torch.Tensor] = {}
         for nest in nests:
             m = self.sizes[nest.inner]
@@ -355,8 +356,9 @@ class _Descent:
         self.objective = sum(prob.tensor_objective(k, perm) for k in prob.keys)
 
     def _solve(self, cost: torch.Tensor) -> torch.Tensor:
+        """The LAP of a float64 CPU cost matrix (finite: the weights were checked)."""
         t0 = time.perf_counter()
-        p = _lap.solve(cost, maximize=False, backend=self.lap)
+        p = _lap.solve_cost(cost.numpy(), backend=self.lap)
         self.hist.lap_seconds += time.perf_counter() - t0
         self.hist.laps += 1
         return p
@@ -364,15 +366,11 @@ class _Descent:
     def _cost(self, gi: int, perm: list[torch.Tensor]) -> torch.Tensor:
         """``-S_g`` as a float64 CPU matrix (a buffer reused from visit to visit)."""
         t0 = time.perf_counter()
-        s = self.prob.similarity(gi, perm, self.hist)
+        c = self.prob.cost(gi, perm, self.hist)
         buf = self.buf[gi]
         if buf is None:
-            buf = self.buf[gi] = torch.empty(s.shape, dtype=torch.float64)
-        if s.dtype == torch.float64 and s.device.type == "cpu":
-            torch.neg(s, out=buf)
-        else:
-            buf.copy_(s)
-            buf.neg_()
+            buf = self.buf[gi] = torch.empty(c.shape, dtype=torch.float64)
+        buf.copy_(c)
         self.hist.product_seconds += time.perf_counter() - t0
         return buf
 
@@ -588,4 +586,4 @@ def similarity_matrices(
     p = [start[g.name].detach().to("cpu", torch.int64) for g in spec.groups]
     prob = _Problem(spec, state_a, state_b)
     hist = WeightMatchingHistory()
-    return {g.name: prob.similarity(gi, p, hist).to(device="cpu", dtype=torch.float64, copy=True) for gi, g in enumerate(spec.groups)}
+    return {g.name: prob.cost(gi, p, hist).to(device="cpu", dtype=torch.float64, copy=True).neg_() for gi, g in enumerate(spec.groups)}
