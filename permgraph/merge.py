@@ -300,7 +300,7 @@ class RepairReport:
         skipped: producers of group units that could not be corrected, with the reason.
         uncovered: groups with no corrected producer (their units keep their statistics),
             with the reason.
-        samples: number of batches read per model.
+        batches: number of batches read per model.
         std_ratio: per corrected node, the mean over its units of
             ``std_interpolated / std_target`` before the correction (below 1: the variance
             collapse REPAIR undoes).
@@ -310,11 +310,11 @@ class RepairReport:
     corrected: list[Correction] = field(default_factory=list)
     skipped: list[Correction] = field(default_factory=list)
     uncovered: dict[str, str] = field(default_factory=dict)
-    samples: int = 0
+    batches: int = 0
     std_ratio: dict[str, float] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        lines = [f"REPAIR at alpha={self.alpha:g}: {len(self.corrected)} op(s) corrected over {self.samples} batches"]
+        lines = [f"REPAIR at alpha={self.alpha:g}: {len(self.corrected)} op(s) corrected over {self.batches} batches"]
         for c in self.corrected:
             ratio = self.std_ratio.get(c.node)
             lines.append(f"  {c}" + (f"  (std was {ratio:.2f}x the target)" if ratio is not None else ""))
@@ -657,7 +657,7 @@ def repair(
             seen += 1
         if seen == 0:
             raise _empty(f"repair ({what})")
-        report.samples = seen
+        report.batches = seen
         return stats
 
     if producers:

@@ -131,8 +131,8 @@ def barrier(alphas: Sequence[float], values: Sequence[float], *, higher_is_bette
             True for an accuracy (the gap below the line counts).
 
     Returns:
-        ``max_α sign·(v(α) - ((1-α)·v(0) + α·v(1)))``: never negative (the endpoints are
-        on the line).
+        ``max_α sign·(v(α) - ((1-α)·v(0) + α·v(1)))``, rounded to 12 decimals (float
+        noise): never negative (the endpoints are on the line).
 
     Raises:
         MetricsError: the alphas do not run from 0 to 1 increasing, the lengths differ, or a

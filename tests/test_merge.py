@@ -7,6 +7,7 @@ not the fx program REPAIR runs), and on the barrier of two BatchNorm CNNs traine
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -18,6 +19,16 @@ from permgraph.demo import batches, evaluator, load_digits, train
 from permgraph.match import weight_matching
 from permgraph.merge import MergeError, interpolate, repair, reset_batchnorm
 from permgraph.metrics import interpolation_curve
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """These models are small: one thread is fastest, and does not fight other processes for cores."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
 
 # -- interpolate ---------------------------------------------------------------------------------
 
@@ -193,43 +204,38 @@ def _cnn() -> nn.Module:
 
 
 def test_bn_reset_and_repair_lower_the_barrier_of_batchnorm_cnns() -> None:
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        data = load_digits(images=True)
-        models = []
-        for seed in (0, 1):
-            torch.manual_seed(seed)
-            models.append(train(_cnn(), data.x_train, data.y_train, epochs=4, seed=seed))
-        model_a, model_b = models
-        n = (len(data.x_train) // 128) * 128  # equal batches: one traced program
-        fit = batches(data.x_train[:n], batch_size=128)
-        spec = permgraph.infer(_cnn(), fit[0])
-        sa, sb = model_a.state_dict(), model_b.state_dict()
-        aligned = spec.apply(weight_matching(spec, sa, sb), sb)
-        model_b_aligned = _cnn().eval()
-        model_b_aligned.load_state_dict(aligned)
-        work = _cnn()
-        evaluate = evaluator(work, data.x_test, data.y_test)
+    data = load_digits(images=True)
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(train(_cnn(), data.x_train, data.y_train, epochs=4, seed=seed))
+    model_a, model_b = models
+    n = (len(data.x_train) // 128) * 128  # equal batches: one traced program
+    fit = batches(data.x_train[:n], batch_size=128)
+    spec = permgraph.infer(_cnn(), fit[0])
+    sa, sb = model_a.state_dict(), model_b.state_dict()
+    aligned = spec.apply(weight_matching(spec, sa, sb), sb)
+    model_b_aligned = _cnn().eval()
+    model_b_aligned.load_state_dict(aligned)
+    work = _cnn()
+    evaluate = evaluator(work, data.x_test, data.y_test)
 
-        def bn_reset(alpha: float, sd: dict) -> dict:
-            work.load_state_dict(sd)
-            reset_batchnorm(work, fit)
-            return copy.deepcopy(work.state_dict())
+    def bn_reset(alpha: float, sd: dict) -> dict:
+        work.load_state_dict(sd)
+        reset_batchnorm(work, fit)
+        return copy.deepcopy(work.state_dict())
 
-        reports = []
+    reports = []
 
-        def repaired(alpha: float, sd: dict) -> dict:
-            work.load_state_dict(sd)
-            reports.append(repair(model_a, model_b_aligned, work, fit, spec, alpha))
-            return copy.deepcopy(work.state_dict())
+    def repaired(alpha: float, sd: dict) -> dict:
+        work.load_state_dict(sd)
+        reports.append(repair(model_a, model_b_aligned, work, fit, spec, alpha))
+        return copy.deepcopy(work.state_dict())
 
-        alphas = [0.0, 0.5, 1.0]
-        plain = interpolation_curve(sa, aligned, evaluate, alphas)
-        reset = interpolation_curve(sa, aligned, evaluate, alphas, transform=bn_reset)
-        fixed = interpolation_curve(sa, aligned, evaluate, alphas, transform=repaired)
-    finally:
-        torch.set_num_threads(old)
+    alphas = [0.0, 0.5, 1.0]
+    plain = interpolation_curve(sa, aligned, evaluate, alphas)
+    reset = interpolation_curve(sa, aligned, evaluate, alphas, transform=bn_reset)
+    fixed = interpolation_curve(sa, aligned, evaluate, alphas, transform=repaired)
     assert min(plain.accuracy[0], plain.accuracy[-1]) > 0.9  # both endpoints learned digits
     assert plain.loss_barrier > 0.2  # interpolating BatchNorm nets collapses the variance
     assert reset.loss_barrier < 0.6 * plain.loss_barrier, (plain.loss_barrier, reset.loss_barrier)
