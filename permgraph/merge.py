@@ -592,8 +592,9 @@ def repair(
     in graph order, each seeing the already-corrected ops before it: while the data flows,
     each producer's output is normalised with the batch's statistics (as REPAIR's reference
     implementation does with BatchNorm layers in training mode), and its population
-    statistics are accumulated; the parameters are then fused with those. Run it in eval
-    mode semantics (the program is traced in eval mode).
+    statistics are accumulated; the parameters are then fused with those. The models run as
+    traced, in eval mode: dropout off, BatchNorm on its running statistics. Attention's
+    query, key and value projections are linear ops like any other: they are corrected too.
 
     Handled: a producer with a per-channel additive parameter (a bias, a norm's shift)
     that no other op reads. Reported and left as they are (`RepairReport.skipped`): ops
@@ -623,6 +624,20 @@ def repair(
         MergeError: the spec has no graph (it was rebuilt from a dict), the batches are empty,
             a batch has a single value per channel, or ``alpha`` is not finite.
         SpecMismatchError: a model's state_dict does not match the spec.
+
+    Examples:
+        >>> import torch, permgraph
+        >>> from torch import nn
+        >>> from permgraph.merge import interpolate, repair
+        >>> def make():
+        ...     return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> a, b, merged = make(), make(), make()
+        >>> x = torch.randn(64, 4)
+        >>> spec = permgraph.infer(a, x)
+        >>> _ = merged.load_state_dict(interpolate(a.state_dict(), b.state_dict(), 0.5))
+        >>> report = repair(a, b, merged, [x], spec, 0.5)
+        >>> [(c.module, c.keys) for c in report.corrected]
+        [('0', ('0.weight', '0.bias'))]
     """
     a_ = _check_alpha(alpha)
     if spec.graph is None or spec.traced is None:
