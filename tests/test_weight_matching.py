@@ -25,6 +25,16 @@ from permgraph.match import MatchError, WeightMatchingHistory, similarity_matric
 from permgraph.testing import randomize_norm_stats
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: the machine is shared, and with two threads every small op can
+    wait on a descheduled peer (measured: 5-10x slower under load); the models are small."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _recovery(model: nn.Module, inputs, seed: int = 0) -> tuple[permgraph.PermSpec, dict, dict, dict, WeightMatchingHistory]:
     randomize_norm_stats(model, torch.Generator().manual_seed(seed))
     model.eval()
