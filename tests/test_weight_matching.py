@@ -335,3 +335,25 @@ def test_inputs_are_not_modified(mlp_spec) -> None:
     a0, b0 = copy.deepcopy(a), copy.deepcopy(b)
     weight_matching(spec, a, b)
     assert all(torch.equal(a[k], a0[k]) and torch.equal(b[k], b0[k]) for k in a)
+
+
+def test_align_in_one_call() -> None:
+    from permgraph.match import align
+
+    torch.manual_seed(0)
+    model_a = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2))
+    spec = permgraph.infer(model_a, torch.randn(2, 8))
+    hidden = spec.random_permutation(torch.Generator().manual_seed(9))
+    model_b = copy.deepcopy(model_a)
+    model_b.load_state_dict(spec.apply(hidden, model_a.state_dict()))
+    aligned, perm = align(model_a, model_b, torch.randn(2, 8))
+    assert all(torch.equal(aligned[k], v) for k, v in model_a.state_dict().items())
+    assert all(torch.equal(perm[k], v) for k, v in spec.inverse(hidden).items())
+    aligned_act, _ = align(model_a, model_b, torch.randn(2, 8), method="activation",
+                           batches=[torch.randn(64, 8, generator=torch.Generator().manual_seed(i)) for i in range(4)])
+    # every unit of this small net is live on these inputs: the activations pin it down too
+    assert all(torch.equal(aligned_act[k], v) for k, v in model_a.state_dict().items())
+    with pytest.raises(MatchError, match="needs batches"):
+        align(model_a, model_b, torch.randn(2, 8), method="activation")
+    with pytest.raises(MatchError, match="unknown method"):
+        align(model_a, model_b, torch.randn(2, 8), method="sinkhorn")
