@@ -185,7 +185,7 @@ class _Problem:
                 self.tensors_of[gi].add(m.key)
                 pos = m.layout.positions(g.size)
                 axes = self.on_axis[m.key]
-                others = self._others(m.key, m.axis, {gi})
+                others = self._others(m.key, m.axis, {gi}, pos)
                 mem = _Member(gi, m.key, m.axis, LayoutInfo(pos, self.a[m.key].shape[m.axis]), others, self.a[m.key])
                 self.members[gi].append(mem)
                 for h in mem.deps:
@@ -195,7 +195,7 @@ class _Problem:
                         continue
                     inner = _nested_positions(pos, pos_d, self.a[m.key].shape[m.axis])
                     if inner is not None:
-                        nest_others = self._others(m.key, m.axis, {gi, d})
+                        nest_others = self._others(m.key, m.axis, {gi, d}, pos)
                         self.nests[gi].append(_Nest(mem, d, inner, nest_others, self.a[m.key]))
                         mem.bucket = 1
                         break
@@ -212,12 +212,19 @@ class _Problem:
                 if len(ax) > 1:
                     self.quadratic[gi] = True
 
-    def _others(self, key: str, axis: int, skip: set[int]) -> dict[int, list[tuple[int, torch.Tensor]]]:
-        """The groups B is read through for a member on ``key[axis]``: all of the tensor's
-        groups, except those in ``skip`` on ``axis`` itself."""
+    def _others(self, key: str, axis: int, skip: set[int], pos: torch.Tensor) -> dict[int, list[tuple[int, torch.Tensor]]]:
+        """The groups B is read through for a member on ``key[axis]`` at positions ``pos``:
+        every group on the tensor's other axes, and those on ``axis`` itself that move some
+        of ``pos`` (a group on a disjoint segment cannot change what the member reads), but
+        not those in ``skip`` there."""
+        mine = torch.zeros(self.a[key].shape[axis], dtype=torch.bool)
+        mine[pos.reshape(-1)] = True
         out: dict[int, list[tuple[int, torch.Tensor]]] = {}
         for ax, parts in self.on_axis[key].items():
-            keep = [(g2, p2) for g2, p2 in parts if not (ax == axis and g2 in skip)]
+            if ax == axis:
+                keep = [(g2, p2) for g2, p2 in parts if g2 not in skip and bool(mine[p2.reshape(-1)].any())]
+            else:
+                keep = list(parts)
             if keep:
                 out[ax] = keep
         return out
