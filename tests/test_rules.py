@@ -781,8 +781,15 @@ def test_slice_and_narrow_offsets():
     ])
 
 
-def test_slice_with_step_blocks():
-    spec = assert_sound(Around(Lambda(lambda h: h[:, ::2]), h2=4), _x(5, 4), min_groups=0)
+def test_slice_with_step_keeps_the_picked_phase_in_place():
+    # h[:, ::2] reads units 0, 2, 4, 6: the hidden axis is (4 pairs) x (2 phases); pairs may
+    # move (taking both their units along), the phase may not
+    spec = assert_sound(Around(Lambda(lambda h: h[:, ::2]), h2=4), _x(5, 4), min_groups=1)
+    assert_structure(spec, [(4, {M("a.weight", 0, block=2), M("a.bias", 0, block=2), M("b.weight", 1)})])
+
+
+def test_slice_with_step_that_does_not_divide_blocks():
+    spec = assert_sound(Around(Lambda(lambda h: h[:, 1::3]), h2=3), _x(5, 4), min_groups=0)
     assert permuted_rows(spec, "a.weight") == 0
     assert not groups_touching(spec, "b.weight", 1)
 
