@@ -287,8 +287,8 @@ class _Problem:
                     b -= self._b_matrix(mem.key, mem.axis, mem.lay, idx, select=(axis, old[moved]))
                     hist.updates += 1
                 else:
-                    a, b = mem.A, self._b_matrix(mem.key, mem.axis, mem.lay, idx)
-                    b -= self._b_matrix(mem.key, mem.axis, mem.lay, mem.used)
+                    a = mem.A  # (out of place: with nothing to gather, B's matrix is a view of B)
+                    b = self._b_matrix(mem.key, mem.axis, mem.lay, idx) - self._b_matrix(mem.key, mem.axis, mem.lay, mem.used)
                     hist.products += 1
             self._add(gi, mem.bucket, a, b)
             hist.gemm_flops += 2 * n * n * a.shape[1]
