@@ -6,12 +6,10 @@ members and layouts, so every model :func:`permgraph.infer` understands can be a
 - :func:`weight_matching`: coordinate descent on ``Σ <W_a, P(W_b)>`` (Git Re-Basin, Alg. 1).
 - :func:`activation_matching`: one LAP per group on the correlation of the units'
   activations over data (Git Re-Basin; Benzing et al. 2022).
-- :func:`align`: infer, match and permute B's state_dict in one call.
 """
 
 from permgraph.match._common import MatchError
 from permgraph.match.activation import ActivationStats, activation_matching, activation_similarity
-from permgraph.match.align import align
 from permgraph.match.weight import WeightMatchingHistory, similarity_matrices, weight_matching
 
 __all__ = [
@@ -21,6 +19,5 @@ __all__ = [
     "activation_matching",
     "activation_similarity",
     "ActivationStats",
-    "align",
     "MatchError",
 ]
