@@ -284,3 +284,20 @@ def test_models_are_left_as_they_were(mlp_pair) -> None:
     assert a.training and not b.training
     assert all(torch.equal(v, before[k]) for k, v in b.state_dict().items())
     a.eval()
+
+
+def test_progress_bar(mlp_pair, capsys: pytest.CaptureFixture[str]) -> None:
+    spec, a, b = mlp_pair
+    perm = activation_matching(spec, a, b, [torch.randn(16, 64) for _ in range(3)], progress=True)
+    spec.check_permutation(perm)
+    assert "activation matching" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_models(mlp_pair) -> None:  # pragma: no cover - runs where a GPU is present
+    spec, a, _ = mlp_pair
+    model = copy.deepcopy(a).cuda()
+    other, inverse = _permuted_copy(spec, model)
+    perm = activation_matching(spec, model, other, [torch.randn(256, 64) for _ in range(4)])
+    aligned = spec.apply(perm, other.state_dict())
+    assert all(v.device.type == "cuda" for v in aligned.values())

@@ -18,11 +18,13 @@ to the new heads, and the move is kept when it raises ``J``; otherwise the visit
 plain step above.
 
 **Only what a change invalidates is recomputed.** A group whose neighbours (the groups it
-shares a tensor with) did not change since its last LAP is skipped. Each member's product
-``A_m · B_mᵀ`` is cached with the permutations it was computed under; when exactly one other
-axis of its tensor changed since then, and at most half of that axis moved, the product is
-updated from the moved units only (``A_J · (B_new,J - B_old,J)ᵀ``), else recomputed. Tensors
-stay on their device; only the LAP runs on the host.
+shares a tensor with) did not change since its last LAP is skipped. ``S_g`` is kept from
+visit to visit, with the permutations each member's term was computed under; a visit adds,
+for each member whose other axes were re-gathered since, the change of its term only:
+``A_J · (B_new,J - B_old,J)ᵀ`` over the positions ``J`` that moved when one other axis
+changed (after the first sweeps a neighbour's new permutation moves a tenth of its units or
+fewer), the whole ``A_m · (B_new - B_old)ᵀ`` otherwise. Tensors stay on their device; only the
+LAP runs on the host, on a float64 copy of ``-S_g``.
 """
 
 from __future__ import annotations
@@ -41,9 +43,6 @@ from permgraph.spec import PermSpec
 
 __all__ = ["weight_matching", "WeightMatchingHistory", "similarity_matrices"]
 
-#: A cached product is updated from the moved units (rather than recomputed) when at most
-#: this fraction of the changed axis moved.
-DELTA_FRACTION = 0.5
 #: A step is kept when it raises the objective by more than this, relative.
 RTOL = 1e-12
 
@@ -65,9 +64,9 @@ class WeightMatchingHistory:
         lap_seconds: time spent in the LAP solver (host).
         laps: number of group LAPs solved (the small per-head-pair LAPs of joint moves
             are not counted).
-        products: member products computed from scratch.
-        updates: member products updated from the units that moved.
-        reused: member products reused as cached.
+        products: member terms computed (or changed) in full.
+        updates: member terms updated from the units that moved only.
+        reused: member terms found up to date.
         joint_moves: joint moves of nested groups (attention heads) kept.
         gemm_flops: floating-point operations of the similarity GEMMs.
     """
