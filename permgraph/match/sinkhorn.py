@@ -282,8 +282,8 @@ def sinkhorn(
         >>> import torch
         >>> from permgraph.match.sinkhorn import sinkhorn
         >>> p = sinkhorn(torch.tensor([[2.0, 0.0], [0.0, 2.0]]), tau=0.5)
-        >>> p.sum(0), p.sum(1)
-        (tensor([1., 1.]), tensor([1., 1.]))
+        >>> bool(torch.allclose(p.sum(0), torch.ones(2)) and torch.allclose(p.sum(1), torch.ones(2)))
+        True
         >>> p.diagonal() > 0.98
         tensor([True, True])
     """
