@@ -98,5 +98,5 @@ def test_ste_bad_input(pair):
     with pytest.raises(MatchError, match="lr"):
         ste_matching(spec, ma, mb, batches, lr=-1.0)
     once = iter(batches[:1])  # a one-shot iterator cannot be read a second time
-    with pytest.raises(MatchError, match="re-iterable|again|empty"):
+    with pytest.raises(MatchError, match="could not be iterated again"):
         ste_matching(spec, ma, mb, once, steps=3)

@@ -426,6 +426,7 @@ class _Batches:
 
     def __iter__(self) -> Iterator[Any]:  # one pass
         for batch in self.batches:
+            self.seen += 1
             yield self._check(batch)
 
     def _check(self, batch: Any) -> Any:
@@ -541,7 +542,7 @@ def sinkhorn_matching(
     progress: bool = False,
     return_soft: bool = False,
     return_history: bool = False,
-) -> Any:
+) -> dict[str, torch.Tensor] | tuple[Any, ...]:
     """Align B to A with learned soft permutations (Sinkhorn re-basin, Peña et al. 2023).
 
     Each group ``g`` gets a parameter matrix ``θ_g`` (``n x n``, small seeded noise at

@@ -72,7 +72,7 @@ def ste_matching(
     seed: int = 0,
     progress: bool = False,
     return_history: bool = False,
-) -> Any:
+) -> dict[str, torch.Tensor] | tuple[Any, ...]:
     """Align B to A by the straight-through estimator (Git Re-Basin, Alg. 2).
 
     See the module docstring for the method. The projection of each step is a weight
