@@ -110,8 +110,10 @@ def test_merge_many_of_permuted_copies_is_exact():
 def test_merge_many_is_deterministic(four):
     spec, _, states = four
     r1 = merge_many(spec, states[:3], seed=5)
-    r2 = merge_many(spec, states[:3], seed=5)
+    r2 = merge_many(spec, states[:3], seed=5, progress=True)
     assert all(torch.equal(p1[g], p2[g]) for p1, p2 in zip(r1.perms, r2.perms) for g in p1)
+    m1, m2 = pairwise_maps(spec, states[:3]), pairwise_maps(spec, states[:3], progress=True)
+    assert all(torch.equal(m1[k][g], m2[k][g]) for k in m1 for g in m1[k])
 
 
 def test_cycle_consistent_maps_have_no_cycle_error_and_pairwise_maps_do(four):
