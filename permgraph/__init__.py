@@ -12,7 +12,7 @@ from permgraph.errors import (
     VerificationError,
 )
 from permgraph.io import load_aligned, load_permutation, save_aligned, save_permutation
-from permgraph.match import activation_matching, weight_matching
+from permgraph.match import activation_matching, merge_many, sinkhorn_matching, ste_matching, weight_matching
 from permgraph.merge import interpolate, repair, reset_batchnorm
 from permgraph.metrics import (
     accuracy_barrier,
@@ -43,6 +43,9 @@ __all__ = [
     "align",
     "weight_matching",
     "activation_matching",
+    "sinkhorn_matching",
+    "ste_matching",
+    "merge_many",
     # merging and metrics
     "interpolate",
     "reset_batchnorm",

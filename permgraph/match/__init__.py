@@ -10,6 +10,9 @@ members and layouts, so every model :func:`permgraph.infer` understands can be a
 
 from permgraph.match._common import MatchError
 from permgraph.match.activation import ActivationStats, activation_matching, activation_similarity
+from permgraph.match.many import MergeManyResult, cycle_consistent_maps, cycle_error, merge_many, pairwise_maps
+from permgraph.match.sinkhorn import SinkhornError, SinkhornHistory, sinkhorn, sinkhorn_matching, soft_apply
+from permgraph.match.ste import STEHistory, ste_matching
 from permgraph.match.weight import WeightMatchingHistory, similarity_matrices, weight_matching
 
 __all__ = [
@@ -20,4 +23,16 @@ __all__ = [
     "activation_similarity",
     "ActivationStats",
     "MatchError",
+    "sinkhorn",
+    "sinkhorn_matching",
+    "soft_apply",
+    "SinkhornHistory",
+    "SinkhornError",
+    "ste_matching",
+    "STEHistory",
+    "merge_many",
+    "MergeManyResult",
+    "cycle_consistent_maps",
+    "pairwise_maps",
+    "cycle_error",
 ]
