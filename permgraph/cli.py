@@ -278,16 +278,20 @@ def _barrier(args: argparse.Namespace) -> int:
     return 0
 
 
+def _example(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The example input (two rows of ``--data``, else a random ``--input-shape``) and the data."""
+    if args.data:
+        x, _ = _load_data(args.data)
+        return x[:2], x
+    return make_input(args.input_shape, args.input_dtype, args.input_high), None
+
+
 def _export(args: argparse.Namespace) -> int:
     from permgraph.io import save_aligned, save_permutation
     from permgraph.match import weight_matching
     from permgraph.metrics import fixed_points
 
-    if args.data:
-        x, _ = _load_data(args.data)
-        example = x[:2]
-    else:
-        example = make_input(args.input_shape, args.input_dtype, args.input_high)
+    example, _ = _example(args)
     spec, _, state_a, state_b = _spec_and_models(args, example)
     t0 = time.perf_counter()
     perm, hist = weight_matching(spec, state_a, state_b, seed=args.seed, progress=not args.quiet, return_history=True)
@@ -311,11 +315,7 @@ def _align(args: argparse.Namespace) -> int:
     from permgraph.io import save_aligned, save_permutation
     from permgraph.match import activation_matching, weight_matching
 
-    if args.data:
-        x, _ = _load_data(args.data)
-        example = x[:2]
-    else:
-        example = make_input(args.input_shape, args.input_dtype, args.input_high)
+    example, x = _example(args)
     spec, model, state_a, state_b = _spec_and_models(args, example)
     t0 = time.perf_counter()
     if args.method == "weight":

@@ -11,7 +11,7 @@ members and layouts, so every model :func:`permgraph.infer` understands can be a
 from permgraph.match._common import MatchError
 from permgraph.match.activation import ActivationStats, activation_matching, activation_similarity
 from permgraph.match.many import MergeManyResult, cycle_consistent_maps, cycle_error, merge_many, pairwise_maps
-from permgraph.match.sinkhorn import SinkhornError, SinkhornHistory, sinkhorn, sinkhorn_matching, soft_apply
+from permgraph.match.sinkhorn import SinkhornError, SinkhornHistory, sinkhorn_matching, soft_apply
 from permgraph.match.ste import STEHistory, ste_matching
 from permgraph.match.weight import WeightMatchingHistory, similarity_matrices, weight_matching
 
@@ -23,7 +23,6 @@ __all__ = [
     "activation_similarity",
     "ActivationStats",
     "MatchError",
-    "sinkhorn",
     "sinkhorn_matching",
     "soft_apply",
     "SinkhornHistory",
