@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from permgraph.errors import PermutationError, SpecMismatchError, VerificationError
+from permgraph.trace import tensors_in
 
 __all__ = ["Layout", "Member", "Group", "Unsupported", "PermSpec", "Permutation"]
 
@@ -473,8 +474,7 @@ def _describe(x: Any) -> str:
 
 
 def _flat_outputs(out: Any) -> list[torch.Tensor]:
-    leaves, _ = torch.utils._pytree.tree_flatten(out)
-    return [x for x in leaves if isinstance(x, torch.Tensor)]
+    return tensors_in(out)
 
 
 def _rel_error(ref: list[torch.Tensor], got: list[torch.Tensor]) -> float:

@@ -94,7 +94,7 @@ def trace(model: torch.nn.Module, example_inputs: ExampleInputs) -> Traced:
     fake_log.setLevel(logging.CRITICAL)
     try:
         try:
-            program = torch.export.export(model, args, kwargs, strict=False)
+            program = _export(model, args, kwargs)
         except Exception as exc:  # noqa: BLE001 - diagnose, then re-raise as TraceError
             try:
                 with torch.no_grad():
@@ -110,8 +110,7 @@ def trace(model: torch.nn.Module, example_inputs: ExampleInputs) -> Traced:
                 f"torch.export could not trace {type(model).__name__} "
                 f"(the model itself runs on these inputs): {_short(exc)}\n"
                 "What to try: remove data-dependent Python control flow or .item() calls from "
-                "forward, pass Python flags as constants rather than inputs, for Hugging Face "
-                "causal LMs pass use_cache=False, or trace a submodule."
+                "forward, pass Python flags as constants rather than inputs, or trace a submodule."
             ) from exc
     finally:
         model.train(was_training)
@@ -161,6 +160,49 @@ def trace(model: torch.nn.Module, example_inputs: ExampleInputs) -> Traced:
             user_outputs.append(name)
     shapes = {k: tuple(int(s) for s in v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
     return Traced(program, program.graph_module, params, not_in_state, user_inputs, user_outputs, mutations, shapes, seconds)
+
+
+def _export(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> ExportedProgram:
+    """``torch.export`` in non-strict mode. Where the model returns objects torch does not know
+    how to flatten (a Hugging Face ``DynamicCache``, a user's dataclass), export again with the
+    output replaced by the tuple of every tensor inside it, so those tensors stay outputs."""
+    try:
+        return _export_no_grad(model, args, kwargs)
+    except Exception as first:  # noqa: BLE001 - retried once with flat outputs
+        handle = model.register_forward_hook(lambda _m, _i, out: tuple(tensors_in(out)))
+        try:
+            return _export_no_grad(model, args, kwargs)
+        except Exception:  # noqa: BLE001 - the first error is the one to report
+            raise first from None
+        finally:
+            handle.remove()
+
+
+def _export_no_grad(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> ExportedProgram:
+    # with grad off, a ``torch.no_grad()`` block inside forward (rotary embeddings) is a no-op
+    # rather than an opaque ``wrap_with_set_grad_enabled`` sub-graph that would block its axes
+    with torch.no_grad():
+        return torch.export.export(model, args, kwargs, strict=False)
+
+
+def tensors_in(obj: Any, seen: set[int] | None = None) -> list[torch.Tensor]:
+    """Every tensor reachable from ``obj`` through containers, pytrees and object attributes."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if id(obj) in seen or isinstance(obj, (str, bytes, int, float, bool, type(None), torch.nn.Module)):
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, dict):
+        items: Any = obj.values()
+    elif isinstance(obj, (list, tuple)):
+        items = obj
+    elif hasattr(obj, "__dict__"):
+        items = vars(obj).values()
+    else:
+        items = getattr(obj, "__slots__", ())
+        items = [getattr(obj, a, None) for a in ([items] if isinstance(items, str) else items)]
+    return [t for item in items for t in tensors_in(item, seen)]
 
 
 def _describe(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:

@@ -957,6 +957,23 @@ def test_repeat_tiles_the_channel():
     assert M("b.weight", 1, repeats=[(2, 8)]) in {(m.key, m.axis, m.layout) for m in hidden.members}
 
 
+@pytest.mark.parametrize("fn, block", [
+    (lambda h: h.repeat_interleave(2, dim=1), 2),
+    (lambda h: h.repeat_interleave(2).reshape(5, 16), 2),  # no dim: flattened, then copied
+    (lambda h: h.repeat_interleave(3, dim=0)[:5], 1),
+], ids=["dim", "flat", "rows"])
+def test_repeat_interleave_copies_each_unit(fn, block):
+    spec = assert_sound(Around(Lambda(fn), h2=8 * block), _x(5, 4))
+    hidden = group_with(spec, "a.weight", 0)
+    assert hidden.size == 8 and not spec.unsupported
+    assert M("b.weight", 1, block=block) in {(m.key, m.axis, m.layout) for m in hidden.members}
+
+
+def test_numpy_T_reverses_the_dims():
+    spec = assert_sound(Around(Lambda(lambda h: (h.T * torch.arange(5.0)).T)), _x(5, 4))
+    assert group_with(spec, "a.weight", 0).size == 8 and not spec.unsupported
+
+
 # --------------------------------------------------------------------------------------
 # reductions, softmax
 

@@ -203,6 +203,27 @@ def test_plain_tensor_attribute_pins_the_channels_it_touches():
     assert permuted_rows(spec, "a.weight", 0) == 0
 
 
+def test_tensor_inside_a_returned_object_is_an_output():
+    """A forward that returns a plain object (no pytree registration) still has its tensors
+    traced and compared as outputs: the hidden units it exposes are pinned."""
+
+    class State:
+        def __init__(self, hidden, logits):
+            self.hidden, self.logits = hidden, logits
+
+    class Exposes(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(8, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = F.relu(self.a(x))
+            return State(h, self.c(F.relu(self.b(h))))
+
+    spec = assert_sound(Exposes(), _x(5, 4))
+    assert permuted_rows(spec, "a.weight", 0) == 0 and permuted_rows(spec, "b.weight", 0) == 6
+
+
 def test_padding_the_channel_dim_blocks_it():
     spec = assert_sound(Around(lambda h: F.pad(h, (1, 1)), h2=10), _x(5, 4), min_groups=0)
     assert permuted_rows(spec, "a.weight", 0) == 0

@@ -16,6 +16,7 @@ import torch
 
 from permgraph import VerificationError
 from permgraph.testing import EXTRA_ZOO, ZOO, check_sound
+from tests.helpers import permuted_rows
 
 
 @pytest.mark.parametrize("name", list(ZOO) + list(EXTRA_ZOO))
@@ -35,3 +36,18 @@ def test_zoo_is_sound(name: str) -> None:
     with pytest.raises(VerificationError) as info:
         broken.verify(model, inputs, generator=torch.Generator().manual_seed(1))
     assert info.value.culprits == (group.name,)
+
+
+def test_causal_lm_returning_its_cache_is_traced_and_sound() -> None:
+    """With ``use_cache`` left on, a Hugging Face causal LM returns a ``DynamicCache`` that
+    torch.export cannot flatten; its key/value tensors still count as outputs, so they pin
+    the heads they hold while the residual stream stays permutable."""
+    entry = EXTRA_ZOO["llama"]
+    model, inputs = entry.build(), {"input_ids": entry.inputs()["input_ids"]}
+    spec, err = check_sound(model, inputs)
+    assert err < 1e-4
+    with_cache_off, _ = check_sound(entry.build(), entry.inputs())
+    assert 0 < len(spec.groups) < len(with_cache_off.groups)
+    assert permuted_rows(spec, "model.embed_tokens.weight", 1) == 64  # the residual stream
+    assert permuted_rows(spec, "model.layers.0.self_attn.k_proj.weight", 0) == 0  # held by the cache
+    assert permuted_rows(with_cache_off, "model.layers.0.self_attn.k_proj.weight", 0) > 0

@@ -27,12 +27,17 @@ def _reshape(op: OpCall) -> Iterator[Constraint]:
         yield from (Free(a) for a in other.axes)
 
 
-@rule("aten.permute", "aten.transpose", "aten.t", "aten.swapaxes", "aten.swapdims", "aten.movedim", "aten.mT")
+@rule(
+    "aten.permute", "aten.transpose", "aten.t", "aten.swapaxes", "aten.swapdims", "aten.movedim", "aten.mT",
+    "aten.numpy_T", "aten.permute_copy", "aten.transpose_copy", "aten.t_copy",
+)
 def _permute(op: OpCall) -> Iterator[Constraint]:
     x, out = op.tensor("self"), op.out
     n = x.ndim
     order = list(range(n))
-    if "dims" in op.args and isinstance(op.args["dims"], (list, tuple)) and op.name.startswith("aten.permute"):
+    if op.name.startswith("aten.numpy_T"):  # Tensor.T reverses every dim
+        order.reverse()
+    elif "dims" in op.args and isinstance(op.args["dims"], (list, tuple)) and op.name.startswith("aten.permute"):
         order = [norm_dim(int(d), n) for d in op.args["dims"]]
     elif "source" in op.args:  # movedim
         src = op.args["source"]
@@ -82,6 +87,22 @@ def _repeat(op: OpCall) -> Iterator[Constraint]:
             yield Tie(x.axis(d), out.axis(lead + d), "repeat")
         else:  # tiles: copy i of unit u sits at i * n + u, copies are identical
             yield Tie(out.axis(lead + d), Prod(Fresh(r, f"copies{d}"), x.axis(d)), "repeat: tiled copies")
+
+
+@rule("aten.repeat_interleave.self_int")
+def _repeat_interleave(op: OpCall) -> Iterator[Constraint]:
+    x, out = op.tensor("self"), op.out
+    r = int(op.args["repeats"])
+    dim = op.args.get("dim")
+    if dim is None:  # flattens first: unit (i, j, ..) becomes copies of one row-major index
+        yield Tie(out.axis(0), Prod(*x.axes, Fresh(r, "copies")), "repeat_interleave: copies of each element")
+        return
+    dim = norm_dim(int(dim), x.ndim)
+    for d in range(x.ndim):
+        if d != dim or r == 1:
+            yield Tie(x.axis(d), out.axis(d), "repeat_interleave")
+        else:  # unit u becomes copies u * r .. u * r + r - 1, all identical
+            yield Tie(out.axis(d), Prod(x.axis(d), Fresh(r, "copies")), "repeat_interleave: copies of each unit")
 
 
 @rule("aten.cat", "aten.concat", "aten.concatenate")
