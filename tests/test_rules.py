@@ -969,6 +969,41 @@ def test_repeat_interleave_copies_each_unit(fn, block):
     assert M("b.weight", 1, block=block) in {(m.key, m.axis, m.layout) for m in hidden.members}
 
 
+@pytest.mark.parametrize("fn", [
+    lambda h: torch.gather(h.view(5, 2, 4), 1, torch.tensor([[1], [0]]).expand(5, 2, 4)),
+    lambda h: torch.take_along_dim(h.view(5, 2, 4), torch.tensor([[[1]], [[0]]]).view(1, 2, 1), 1),
+    lambda h: torch.gather(h.view(5, 2, 4), 1, h.view(5, 2, 4).sum(-1, keepdim=True).argsort(1).expand(5, 2, 4)),
+], ids=["constant index", "take_along_dim", "data-dependent index"])
+def test_gather_along_tokens_keeps_the_channels(fn):
+    """Picking tokens (dim 1 of [N, tokens, C]) by index leaves the C channels permutable."""
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.b(fn(F.relu(self.a(x))))
+
+    spec = assert_sound(Tokens(), _x(5, 4))
+    group = group_with(spec, "a.weight", 0)
+    assert group.size == 4 and M("b.weight", 1) in {(m.key, m.axis, m.layout) for m in group.members}
+    # the picks along the token dim are reported (they are arbitrary), nothing else is
+    assert spec.unsupported and all("along dim 1" in u.reason for u in spec.unsupported)
+
+
+@pytest.mark.parametrize("fn", [
+    lambda h: torch.sort(h, dim=-1).values,
+    lambda h: torch.topk(h, 3, dim=-1).values,
+    lambda h: torch.sort(h, dim=-1, descending=True, stable=True)[0],
+], ids=["sort", "topk", "sort-stable"])
+def test_sorted_values_do_not_depend_on_the_channel_order(fn):
+    """The hidden units may move (sorting forgets their order); the ranks after it may not."""
+    spec = assert_sound(Around(Lambda(fn), h2=fn(torch.zeros(1, 8)).shape[-1]), _x(5, 4))
+    assert permuted_rows(spec, "a.weight", 0) == 8 and not groups_touching(spec, "b.weight", 1)
+    assert not spec.unsupported
+
+
 def test_numpy_T_reverses_the_dims():
     spec = assert_sound(Around(Lambda(lambda h: (h.T * torch.arange(5.0)).T)), _x(5, 4))
     assert group_with(spec, "a.weight", 0).size == 8 and not spec.unsupported

@@ -63,8 +63,10 @@ def _x(*shape: int) -> torch.Tensor:
 # (name, op applied to the hidden units [N, 8], op name when no rule exists else None)
 TRAPS = [
     ("flip", lambda h: torch.flip(h, [-1]), "aten.flip"),
-    ("sort", lambda h: torch.sort(h, dim=-1).values, "aten.sort"),
-    ("topk", lambda h: torch.topk(h, 8, dim=-1).values, "aten.topk"),
+    ("sort indices", lambda h: h * torch.sort(h, dim=-1).indices, "aten.sort"),
+    ("topk indices", lambda h: h + torch.topk(h, 8, dim=-1).indices, "aten.topk"),
+    ("argsort", lambda h: h * torch.argsort(h, dim=-1), "aten.argsort"),
+    ("sorted values", lambda h: h + torch.sort(h, dim=-1).values, None),
     ("gather", lambda h: torch.gather(h, -1, _IDX.expand(h.shape[0], 8)), "aten.gather"),
     ("index tensor", lambda h: h[:, _IDX], None),
     ("index_select", lambda h: torch.index_select(h, 1, _IDX), None),

@@ -21,6 +21,7 @@ _ELEMENTWISE = (
     "aten.where", "aten.nan_to_num", "aten.lerp", "aten.addcmul", "aten.addcdiv",
     "aten.pow", "aten.float_power", "aten.square", "aten.positive", "aten.__and__", "aten.__or__",
     "aten.__xor__", "aten.__invert__", "aten.logical_not", "aten.min.other", "aten.max.other",
+    "aten.real", "aten.imag", "aten.conj", "aten.conj_physical", "aten.resolve_conj", "aten.resolve_neg",
 )
 
 

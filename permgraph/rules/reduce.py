@@ -74,6 +74,28 @@ def _softmax(op: OpCall) -> Iterator[Constraint]:
         yield Tie(a, b, "softmax: equivariant along every dim")
 
 
+@rule("aten.sort", "aten.argsort", "aten.topk", "aten.msort")
+def _sort(op: OpCall) -> Iterator[Constraint]:
+    """Sorted values do not depend on the order of the input along ``dim`` (like a reduction);
+    the indices do (they name its positions). The output's ``dim`` holds ranks: blocked."""
+    x = op.tensor("self")
+    dim = norm_dim(int(op.args.get("dim", -1 if not op.name.startswith("aten.msort") else 0)), x.ndim)
+    if op.name.startswith("aten.argsort"):
+        indices_used = True
+    else:
+        indices_used = any(u.target is operator.getitem and u.args[1] == 1 and u.users for u in op.node.users)
+    if indices_used:
+        yield Block(x.axis(dim), f"{op.name}: its indices name positions along dim {dim}", True)
+    else:
+        yield Free(x.axis(dim))
+    for out in op.outputs:
+        for d in range(x.ndim):
+            if d == dim:
+                yield Block(out.axis(d), f"{op.name}: ranks along dim {d}")
+            else:
+                yield Tie(x.axis(d), out.axis(d), op.name)
+
+
 @rule("aten.cumsum", "aten.cumprod", "aten.logcumsumexp", "aten.cummax", "aten.cummin")
 def _cumulative(op: OpCall) -> Iterator[Constraint]:
     x = op.tensor("self")

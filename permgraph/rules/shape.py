@@ -218,6 +218,29 @@ def _index_select(op: OpCall) -> Iterator[Constraint]:
             yield Tie(x.axis(d), out.axis(d), "index_select: other dims")
 
 
+@rule("aten.gather", "aten.take_along_dim")
+def _gather(op: OpCall) -> Iterator[Constraint]:
+    """``out[.., j, ..] = x[.., idx[.., j, ..], ..]`` along ``dim``: the positions picked along
+    ``dim`` are arbitrary (blocked, reported), the picks follow the index's own positions,
+    and every other dim pairs ``x``, ``idx`` and ``out`` element by element (``take_along_dim``
+    broadcasts size-1 dims first)."""
+    x, idx, out = op.tensor("self"), op.tensor("index") or op.tensor("indices"), op.out
+    if op.args.get("dim", 0) is None or x.ndim != out.ndim or idx.ndim != out.ndim:  # flattened
+        yield from (Block(a, "take_along_dim over the flattened tensor", True) for a in x.axes + idx.axes + out.axes)
+        return
+    dim = norm_dim(int(op.args["dim"]), x.ndim)
+    yield Block(x.axis(dim), f"{op.name.split('.')[1]} picks arbitrary positions along dim {dim}", True)
+    yield Tie(idx.axis(dim), out.axis(dim), "gather: one pick per index position")
+    for d in range(x.ndim):
+        if d == dim:
+            continue
+        if x.shape[d] in (1, out.shape[d]) and idx.shape[d] in (1, out.shape[d]):
+            for t in (x, idx):  # a broadcast size-1 dim has nothing to permute
+                yield Tie(t.axis(d), out.axis(d), "gather: other dims") if t.shape[d] == out.shape[d] else Free(t.axis(d))
+        else:  # the index covers a prefix of this dim
+            yield from (Block(a, f"gather: index shorter than the input along dim {d}") for a in (x.axis(d), idx.axis(d), out.axis(d)))
+
+
 @rule("aten.roll")
 def _roll(op: OpCall) -> Iterator[Constraint]:
     x, out = op.tensor("self"), op.out
