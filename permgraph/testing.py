@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ZooEntry", "ZOO", "EXTRA_ZOO", "randomize_norm_stats", "check_sound"]
+__all__ = ["ZooEntry", "ZOO", "EXTRA_ZOO", "WIDE_ZOO", "randomize_norm_stats", "check_sound"]
 
 
 def randomize_norm_stats(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
@@ -91,6 +91,16 @@ def _timm(name: str, **kw: Any) -> Callable[[], nn.Module]:
 
         torch.manual_seed(0)
         return timm.create_model(name, pretrained=False, **kw)
+
+    return build
+
+
+def _hf(config: str, model: str, **cfg: Any) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import transformers
+
+        torch.manual_seed(0)
+        return getattr(transformers, model)(getattr(transformers, config)(**cfg))
 
     return build
 
@@ -193,5 +203,58 @@ EXTRA_ZOO: dict[str, ZooEntry] = {
         ZooEntry("timm_levit_128s", _timm("levit_128s"), _img(224), 1, "timm"),
         ZooEntry("llama", _llama, _ids, 9, "transformers"),
         ZooEntry("t5", _t5, _t5_ids, 1, "transformers"),
+    ]
+}
+
+_LM = dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+_GQA = dict(_LM, num_key_value_heads=2)
+_ENC = dict(_LM, max_position_embeddings=32)
+
+# A wide sample of the world, checked for soundness only (floor 1): every torchvision family,
+# timm's convolutional, hybrid, MLP and transformer families, and Hugging Face encoders,
+# decoders (their default key/value cache left on: its tensors are outputs) and a state-space
+# model. None of them is named in a rule.
+WIDE_ZOO: dict[str, ZooEntry] = {
+    e.name: e
+    for e in [
+        *(ZooEntry(n, _tv(n, **kw), _img(size), 1, "torchvision") for n, size, kw in [
+            ("googlenet", 64, dict(aux_logits=False, init_weights=True)),
+            ("inception_v3", 96, dict(aux_logits=False, init_weights=True)),
+            ("squeezenet1_0", 64, {}), ("mnasnet0_5", 64, {}), ("efficientnet_v2_s", 64, {}),
+            ("maxvit_t", 224, {}), ("swin_v2_t", 64, {}), ("alexnet", 64, {}), ("wide_resnet50_2", 64, {}),
+            ("regnet_x_400mf", 64, {}), ("mobilenet_v3_large", 64, {}),
+        ]),
+        *(ZooEntry(f"timm_{n}", _timm(n, **kw), _img(size), 1, "timm") for n, size, kw in [
+            ("efficientformer_l1", 224, {}), ("poolformer_s12", 64, {}), ("deit_tiny_patch16_224", 224, dict(depth=2)),
+            ("beit_base_patch16_224", 224, dict(depth=2)), ("cait_xxs24_224", 224, dict(depth=2)),
+            ("xcit_nano_12_p16_224", 224, dict(depth=2)), ("mobilevit_xxs", 64, {}), ("ghostnet_050", 64, {}),
+            ("dla34", 64, {}), ("dpn68", 64, {}), ("res2net50_26w_4s", 64, {}), ("resnest14d", 64, {}),
+            ("cspresnet50", 64, {}), ("hrnet_w18_small", 64, {}), ("convnextv2_atto", 64, {}),
+            ("coatnet_0_rw_224", 224, {}), ("pvt_v2_b0", 64, {}), ("eva02_tiny_patch14_224", 224, dict(depth=2)),
+            ("rexnet_100", 64, {}), ("repvgg_a0", 64, {}), ("selecsls42b", 64, {}), ("nfnet_l0", 64, {}),
+            ("gmlp_s16_224", 224, {}), ("resmlp_12_224", 224, {}), ("tnt_s_patch16_224", 224, {}),
+            ("crossvit_9_240", 240, {}), ("edgenext_xx_small", 64, {}), ("fastvit_t8", 64, {}),
+            ("inception_next_tiny", 64, {}), ("mambaout_femto", 64, {}),
+        ]),
+        *(ZooEntry(f"hf_{n}", _hf(f"{m}Config", f"{m}{head}", **cfg), _bert_ids, 1, "transformers") for n, m, head, cfg in [
+            ("roberta", "Roberta", "Model", _ENC), ("electra", "Electra", "Model", dict(_ENC, embedding_size=32)),
+            ("albert", "Albert", "Model", dict(_ENC, embedding_size=32)), ("deberta_v2", "DebertaV2", "Model", _ENC),
+            ("mpnet", "MPNet", "Model", _ENC),
+            ("distilbert", "DistilBert", "Model", dict(vocab_size=100, dim=64, n_layers=2, n_heads=4, hidden_dim=128)),
+            ("mistral", "Mistral", "ForCausalLM", _GQA), ("qwen2", "Qwen2", "ForCausalLM", _GQA),
+            ("gemma", "Gemma", "ForCausalLM", dict(_GQA, head_dim=16)), ("phi", "Phi", "ForCausalLM", _LM),
+            ("falcon", "Falcon", "ForCausalLM", dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)),
+            ("opt", "OPT", "ForCausalLM", dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                ffn_dim=128, word_embed_proj_dim=64, max_position_embeddings=32)),
+            ("bloom", "Bloom", "ForCausalLM", dict(vocab_size=100, hidden_size=64, n_layer=2, n_head=4)),
+            ("gpt_neo", "GPTNeo", "ForCausalLM", dict(vocab_size=100, hidden_size=64, num_layers=2, num_heads=4,
+                                                      attention_types=[[["global", "local"], 1]], max_position_embeddings=32)),
+            ("gptj", "GPTJ", "ForCausalLM", dict(vocab_size=100, n_embd=64, n_layer=2, n_head=4, rotary_dim=8)),
+            ("gpt_bigcode", "GPTBigCode", "ForCausalLM", dict(vocab_size=100, n_embd=64, n_layer=2, n_head=4)),
+            ("bart", "Bart", "Model", dict(vocab_size=100, d_model=64, encoder_layers=1, decoder_layers=1,
+                                           encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+                                           decoder_ffn_dim=128)),
+            ("mamba", "Mamba", "ForCausalLM", dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, state_size=8)),
+        ]),
     ]
 }
