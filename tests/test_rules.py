@@ -1004,6 +1004,67 @@ def test_sorted_values_do_not_depend_on_the_channel_order(fn):
     assert not spec.unsupported
 
 
+def _embedding_bag(mode):
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.e, self.o = nn.EmbeddingBag(50, 16, mode=mode), nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.o(F.relu(self.e(x)))
+
+    return Bag()
+
+
+class _Unpool(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.d = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        h, i = F.max_pool2d(F.relu(self.c(x)), 2, return_indices=True)
+        return self.d(F.max_unpool2d(h, i, 2))
+
+
+class _Unfold(nn.Module):
+    """F.unfold to patches of 8 channels x 4 kernel positions, then a linear over them or
+    F.fold back to the image."""
+
+    def __init__(self, fold: bool):
+        super().__init__()
+        self.fold = fold
+        self.c = nn.Conv2d(3, 8, 3, padding=1)
+        self.d = nn.Conv2d(8, 2, 1) if fold else nn.Linear(8 * 4, 5)
+
+    def forward(self, x):
+        cols = F.unfold(F.relu(self.c(x)), 2, stride=2)  # [N, 8 * 4, 16]
+        if self.fold:
+            return self.d(F.fold(cols, (8, 8), 2, stride=2))
+        return self.d(cols.transpose(1, 2))
+
+
+_wn = torch.nn.utils.parametrizations.weight_norm
+_img8 = _x(2, 3, 8, 8)
+
+
+@pytest.mark.parametrize("build, x, sizes", [
+    (lambda: nn.Sequential(_wn(nn.Linear(4, 16)), nn.ReLU(), _wn(nn.Linear(16, 3))), _x(5, 4), [16]),
+    (lambda: nn.Sequential(_wn(nn.Conv2d(3, 8, 3), dim=1), nn.ReLU(), nn.Conv2d(8, 4, 1)), _img8, [8]),
+    (lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.ChannelShuffle(2), nn.Conv2d(8, 4, 1)), _img8, [2, 4]),
+    (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.PixelUnshuffle(2), nn.Conv2d(16, 4, 1)), _img8, [4]),
+    (lambda: _embedding_bag("mean"), torch.randint(0, 50, (4, 6)), [16]),
+    (lambda: _embedding_bag("max"), torch.randint(0, 50, (4, 6)), [16]),
+    (_Unpool, _img8, [8]),
+    (lambda: _Unfold(fold=False), _img8, [8]),
+    (lambda: _Unfold(fold=True), _img8, [8]),
+], ids=["weight_norm", "weight_norm dim 1", "channel_shuffle", "pixel_unshuffle", "embedding_bag mean",
+        "embedding_bag max", "max_unpool", "unfold", "fold"])
+def test_layers_with_their_own_op(build, x, sizes):
+    """Layers that export to one op of their own each get a rule: their groups are sound."""
+    spec = assert_sound(build(), x)
+    assert sorted(g.size for g in spec.groups) == sizes and not spec.unsupported
+
+
 def test_numpy_T_reverses_the_dims():
     spec = assert_sound(Around(Lambda(lambda h: (h.T * torch.arange(5.0)).T)), _x(5, 4))
     assert group_with(spec, "a.weight", 0).size == 8 and not spec.unsupported

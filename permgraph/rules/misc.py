@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 
-from permgraph.rules import Block, Constraint, Free, OpCall, TensorValue, Tie, rule
+from permgraph.rules import Block, Constraint, Free, Fresh, OpCall, Prod, TensorValue, Tie, rule
 from permgraph.rules._util import block_all
 
 
@@ -26,6 +26,23 @@ def _embedding(op: OpCall) -> Iterator[Constraint]:
     yield Tie(w.axis(1), out.axis(-1), "embedding: features")
     for d in range(idx.ndim):
         yield Tie(idx.axis(d), out.axis(d), "embedding: index dims")
+
+
+@rule("aten.embedding_bag", "aten._embedding_bag")
+def _embedding_bag(op: OpCall) -> Iterator[Constraint]:
+    """Each bag reduces its rows (sum, mean or max) feature by feature: features tie to the
+    output's (and to the argmax output's); rows, indices and bags keep their order."""
+    w = op.tensor("weight")
+    yield Block(w.axis(0), "embedding_bag: rows are looked up by index")
+    for t in op.inputs():
+        if t.value != w.value:
+            yield from (Block(a, "embedding_bag: indices, offsets and bags") for a in t.axes)
+    for out in op.outputs:
+        if out.ndim == 2 and out.shape[1] == w.shape[1]:  # the bags' features, and their argmax rows
+            yield Tie(w.axis(1), out.axis(1), "embedding_bag: features")
+            yield Block(out.axis(0), "embedding_bag: bags")
+        else:
+            yield from (Block(a, "embedding_bag: bookkeeping") for a in out.axes)
 
 
 def _spatial(op: OpCall, k: int, why: str) -> Iterator[Constraint]:
@@ -59,19 +76,81 @@ _RESIZE = {
         "_upsample_bilinear2d_aa", "_upsample_bicubic2d_aa",
     )
 }
-_SPATIAL = {**_POOL, **_RESIZE, "aten.pixel_shuffle": 0, "aten.pixel_unshuffle": 0}
+_SPATIAL = {**_POOL, **_RESIZE}
 
 
 def _spatial_rule(op: OpCall) -> Iterator[Constraint]:
     packet = op.name.rsplit(".", 1)[0]
-    k = _SPATIAL[packet]
-    if k == 0:  # pixel shuffle moves channels into space: nothing may move
-        yield from block_all([op.tensor("self"), *op.outputs], f"{packet}: mixes channels and space")
-        return
-    yield from _spatial(op, k, packet.split(".")[1])
+    yield from _spatial(op, _SPATIAL[packet], packet.split(".")[1])
 
 
 rule(*_SPATIAL)(_spatial_rule)
+
+
+def _channels_into_space(op: OpCall, many: TensorValue, few: TensorValue, k: int, space: int, why: str):
+    """``many``'s channel dim (dim ``-space - 1``) is ``few``'s channels times ``k`` sub-positions
+    that move into space: those and every spatial dim are ordered, the channels may move."""
+    c = many.ndim - space - 1
+    if few.ndim != many.ndim or many.shape[c] != few.shape[c] * k:
+        yield from block_all([many, few], f"{why}: unexpected shapes", report=True)
+        return
+    sub = Fresh(k, "sub-positions")
+    yield Block(sub, f"{why}: sub-positions map to space")
+    yield Tie(many.axis(c), Prod(few.axis(c), sub), f"{why}: channel x sub-positions")
+    for d in range(c):
+        yield Tie(many.axis(d), few.axis(d), why)
+    for t in (many, few):
+        yield from (Block(t.axis(d), f"{why}: spatial positions are ordered") for d in range(c + 1, t.ndim))
+
+
+@rule("aten.pixel_shuffle")
+def _pixel_shuffle(op: OpCall) -> Iterator[Constraint]:
+    r = int(op.args["upscale_factor"])
+    yield from _channels_into_space(op, op.tensor("self"), op.out, r * r, 2, "pixel_shuffle")
+
+
+@rule("aten.pixel_unshuffle")
+def _pixel_unshuffle(op: OpCall) -> Iterator[Constraint]:
+    r = int(op.args["downscale_factor"])
+    yield from _channels_into_space(op, op.out, op.tensor("self"), r * r, 2, "pixel_unshuffle")
+
+
+@rule("aten.im2col")  # F.unfold: [N, C, H, W] -> [N, C * kh * kw, L]
+def _im2col(op: OpCall) -> Iterator[Constraint]:
+    x, out = op.tensor("self"), op.out
+    k = int(out.shape[-2]) // int(x.shape[-3])
+    yield from _unfold(x, out, k, "im2col")
+
+
+@rule("aten.col2im")  # F.fold: [N, C * kh * kw, L] -> [N, C, H, W]
+def _col2im(op: OpCall) -> Iterator[Constraint]:
+    x, out = op.tensor("self"), op.out
+    k = int(x.shape[-2]) // int(out.shape[-3])
+    yield from _unfold(out, x, k, "col2im")
+
+
+def _unfold(img: TensorValue, cols: TensorValue, k: int, why: str) -> Iterator[Constraint]:
+    lead = img.ndim - 3
+    if cols.ndim != lead + 2 or cols.shape[lead] != img.shape[lead] * k:
+        yield from block_all([img, cols], f"{why}: unexpected shapes", report=True)
+        return
+    sub = Fresh(k, "kernel positions")
+    yield Block(sub, f"{why}: kernel positions are ordered")
+    yield Tie(cols.axis(lead), Prod(img.axis(lead), sub), f"{why}: channel x kernel positions")
+    yield from (Tie(img.axis(d), cols.axis(d), why) for d in range(lead))
+    yield from (Block(img.axis(d), f"{why}: spatial positions are ordered") for d in range(lead + 1, img.ndim))
+    yield Block(cols.axis(lead + 1), f"{why}: patch positions are ordered")
+
+
+@rule("aten.max_unpool2d", "aten.max_unpool3d")
+def _max_unpool(op: OpCall) -> Iterator[Constraint]:
+    """Each channel's values go back to the positions its indices name, channel by channel."""
+    x, idx, out = op.tensor("self"), op.tensor("indices"), op.out
+    k = 2 if "2d" in op.name else 3
+    for t in (x, idx, out):
+        for d in range(t.ndim - k):
+            yield Tie(t.axis(d), out.axis(d), "max_unpool: channel by channel")
+        yield from (Block(t.axis(d), "max_unpool: spatial positions are ordered") for d in range(t.ndim - k, t.ndim))
 
 
 @rule("aten.constant_pad_nd", "aten.pad", "aten.reflection_pad1d", "aten.reflection_pad2d",

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from permgraph.rules import Block, Constraint, Free, Fresh, OpCall, Prod, Tie, rule
-from permgraph.rules._util import tie_all
+from permgraph.rules._util import broadcast, tie_all
 
 
 @rule(
@@ -51,6 +51,13 @@ def _trailing_norm(op: OpCall, shape_arg: str, why: str) -> Iterator[Constraint]
                 yield Tie(a, x.axis(d), f"{why} statistics")
             else:
                 yield Block(a, f"{why}: statistics of unexpected shape", True)
+
+
+@rule("aten._weight_norm")
+def _weight_norm(op: OpCall) -> Iterator[Constraint]:
+    """``w = g * v / ||v||``, the norm over every dim but ``dim`` (invariant under permutations
+    of those dims), ``g`` sized along ``dim`` only: ``v``, ``g`` and ``w`` broadcast together."""
+    yield from broadcast([op.tensor("v"), op.tensor("g")], op.out, "weight_norm")
 
 
 @rule("aten.layer_norm", "aten.native_layer_norm")

@@ -29,7 +29,7 @@ def _reshape(op: OpCall) -> Iterator[Constraint]:
 
 @rule(
     "aten.permute", "aten.transpose", "aten.t", "aten.swapaxes", "aten.swapdims", "aten.movedim", "aten.mT",
-    "aten.numpy_T", "aten.permute_copy", "aten.transpose_copy", "aten.t_copy",
+    "aten.numpy_T", "aten.permute_copy", "aten.transpose_copy", "aten.t_copy", "aten.mH", "aten.adjoint",
 )
 def _permute(op: OpCall) -> Iterator[Constraint]:
     x, out = op.tensor("self"), op.out
@@ -50,11 +50,23 @@ def _permute(op: OpCall) -> Iterator[Constraint]:
         inv = dict(zip(dst, src))
         order = [inv[i] if i in inv else next(rest) for i in range(n)]
     elif n >= 2:
-        d0 = norm_dim(int(op.args.get("dim0", op.args.get("axis0", -2 if "mT" in op.name else 0))), n)
-        d1 = norm_dim(int(op.args.get("dim1", op.args.get("axis1", -1 if "mT" in op.name else 1))), n)
+        last_two = op.name.startswith(("aten.mT", "aten.mH", "aten.adjoint"))
+        d0 = norm_dim(int(op.args.get("dim0", op.args.get("axis0", -2 if last_two else 0))), n)
+        d1 = norm_dim(int(op.args.get("dim1", op.args.get("axis1", -1 if last_two else 1))), n)
         order[d0], order[d1] = order[d1], order[d0]
     for i, d in enumerate(order):
         yield Tie(out.axis(i), x.axis(d), "permute")
+
+
+@rule("aten.channel_shuffle", "aten.native_channel_shuffle")
+def _channel_shuffle(op: OpCall) -> Iterator[Constraint]:
+    """Channels ``g x m`` come out as ``m x g`` (a view, a transpose and a flatten)."""
+    x, out = op.tensor("self"), op.out
+    g = int(op.args["groups"])
+    outer, inner = Fresh(g, "shuffle groups"), Fresh(x.shape[1] // g, "within shuffle groups")
+    yield Tie(x.axis(1), Prod(outer, inner), "channel_shuffle: groups x units")
+    yield Tie(out.axis(1), Prod(inner, outer), "channel_shuffle: units x groups")
+    yield from (Tie(x.axis(d), out.axis(d), "channel_shuffle: other dims") for d in range(x.ndim) if d != 1)
 
 
 @rule("aten.expand", "aten.expand_as", "aten.broadcast_to", "aten.expand_copy")
