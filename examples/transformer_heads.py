@@ -14,9 +14,9 @@ matching (accuracy barrier 74, 52, 44 points). Unlike the MLPs of the demo, thes
 transformers, trained for 15 epochs from different seeds, stay far from linearly connected
 even once aligned.
 
-``nn.MultiheadAttention`` works too, but its fused ``in_proj_weight`` makes one
-within-head group for queries, keys and values together (a sound but coarser symmetry),
-which leaves weight matching less room.
+``nn.MultiheadAttention`` (and ``nn.TransformerEncoderLayer``) gives the same groups: its
+fused ``in_proj_weight`` is split into queries, keys and values by views and picks, which
+permgraph follows back to segments of the fused weight.
 """
 
 from __future__ import annotations

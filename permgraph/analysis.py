@@ -30,6 +30,7 @@ from permgraph.rules import (
 from permgraph.spec import Group, Layout, Member, PermSpec, Unsupported
 from permgraph.trace import Traced, trace
 from permgraph.unify import Leaf, Tree, Unifier
+from permgraph.views import picks_through_views
 
 __all__ = ["infer", "analyze"]
 
@@ -103,6 +104,7 @@ def analyze(traced: Traced) -> tuple[_Solver, list[Unsupported]]:
     s = _Solver()
     unsupported: list[Unsupported] = []
     nodes = list(traced.graph_module.graph.nodes)
+    skipped, replaced = picks_through_views(traced.graph_module.graph)
     by_key: dict[str, torch.fx.Node] = {}
     for node in nodes:
         if node.op == "placeholder":
@@ -123,6 +125,10 @@ def analyze(traced: Traced) -> tuple[_Solver, list[Unsupported]]:
                         s.u.unify(s.var(a), s.var(b), f"tied weights {first.name} = {node.name}")
                 for k in traced.params[node.name]:
                     by_key.setdefault(k, node)
+        elif node.name in skipped:  # views whose picks are related to their source directly
+            continue
+        elif node.name in replaced:
+            s.apply(replaced[node.name], module_path(node) or node.name)
         elif node.op == "call_function":
             ins, outs = _tensor_inputs(node), values_of(node)
             if not ins and not outs:

@@ -1314,8 +1314,47 @@ def test_attention_written_with_einsum_and_unbind():
     spec = assert_sound(EinAttn(), _x(2, 5, 4), min_groups=3)
     assert group_with(spec, "inp.weight", 0).size == 12  # the residual stream
     heads = group_with(spec, "o.weight", 1, Layout(block=4))
-    assert heads.size == 3
-    assert M("qkv.weight", 0, block=4, repeats=[(3, 12)]) in member_set(heads)  # q, k and v heads move alike
+    assert heads.size == 3  # q, k and v heads move alike
+    assert {m.layout.offset for m in heads.members if m.key == "qkv.weight"} == {0, 12, 24}
+    # within a head: the q/k features and the v/o features are two groups (the unbind picks
+    # slices of the fused projection, so v's units need not follow q's)
+    within_v = group_with(spec, "o.weight", 1, Layout(repeats=((3, 4),)))
+    assert within_v.size == 4 and M("qkv.weight", 0, offset=24, repeats=[(3, 4)]) in member_set(within_v)
+    assert not any(m.key == "qkv.weight" and m.layout.offset < 24 for m in within_v.members)
+    assert sorted(g.size for g in spec.groups) == [3, 4, 4, 12]
+
+
+class _ThreeHeads(nn.Module):
+    """One linear computes 12 units; a view splits them into 3 slices read by 3 linears."""
+
+    def __init__(self, split):
+        super().__init__()
+        self.split = split
+        self.a, self.b = nn.Linear(4, 12), nn.ModuleList(nn.Linear(4, 2) for _ in range(3))
+
+    def forward(self, x):
+        return sum(b(s) for b, s in zip(self.b, self.split(F.relu(self.a(x)))))
+
+
+def test_slices_picked_through_views_move_independently():
+    spec = assert_sound(_ThreeHeads(lambda h: h.view(-1, 3, 4).unbind(1)), _x(5, 4))
+    groups = groups_touching(spec, "a.weight", 0)
+    assert sorted((g.size, m.layout.offset) for g in groups for m in g.members if m.key == "a.weight") == [
+        (4, 0), (4, 4), (4, 8)]
+    spec = assert_sound(_ThreeHeads(lambda h: [h.view(-1, 3, 4).permute(1, 0, 2)[i] for i in range(3)]), _x(5, 4))
+    assert sorted(g.size for g in groups_touching(spec, "a.weight", 0)) == [4, 4, 4]
+
+
+def test_strided_picks_through_views_keep_the_ordinary_rules():
+    """Every third unit is no segment of the axis: the three picks move alike, as blocks of 3."""
+    spec = assert_sound(_ThreeHeads(lambda h: h.view(-1, 4, 3).unbind(2)), _x(5, 4))
+    (group,) = groups_touching(spec, "a.weight", 0)
+    assert group.size == 4 and M("a.weight", 0, block=3) in member_set(group)
+
+
+def test_views_with_other_users_keep_the_ordinary_rules():
+    spec = assert_sound(_ThreeHeads(lambda h: (lambda v: [*v.unbind(1), v.sum(1)][1:])(h.view(-1, 3, 4))), _x(5, 4))
+    assert [g.size for g in groups_touching(spec, "a.weight", 0)] == [4]
 
 
 def test_multihead_attention_module():
