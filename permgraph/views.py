@@ -52,9 +52,10 @@ def _run(chain: list[torch.fx.Node], x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _box(z: TensorValue, q: TensorValue, q_idx: torch.Tensor) -> list[Constraint] | None:
+def _box(z: TensorValue, q: TensorValue, q_idx: torch.Tensor, tag: int) -> list[Constraint] | None:
     """Constraints tying ``q`` to ``z`` when ``q``'s elements are an axis-aligned box of
-    ``z`` (each of ``q``'s axes a row-major part of one of ``z``'s axes), else None."""
+    ``z`` (each of ``q``'s axes a row-major part of one of ``z``'s axes), else None.
+    ``tag`` keeps the segments of each pick apart."""
     flat = q_idx.reshape(-1)
     if flat.numel() == 0:
         return None
@@ -63,7 +64,7 @@ def _box(z: TensorValue, q: TensorValue, q_idx: torch.Tensor) -> list[Constraint
     expected = torch.full(q.shape, off, dtype=torch.int64)
     for j, n in enumerate(q.shape):
         if n > 1:
-            strides[j] = int(q_idx.select(j, 1).reshape(-1)[0]) - off if q_idx.numel() else 0
+            strides[j] = int(q_idx.select(j, 1).reshape(-1)[0]) - off
             shape = [1] * q.ndim
             shape[j] = n
             expected = expected + strides[j] * torch.arange(n).view(shape)
@@ -92,11 +93,12 @@ def _box(z: TensorValue, q: TensorValue, q_idx: torch.Tensor) -> list[Constraint
         start = (off // z_strides[k]) % z.shape[k]
         if start + extent > z.shape[k]:
             return None
-        inner = Prod(*(q.axis(j) for j in js)) if len(js) > 1 else (q.axis(js[0]) if js else Fresh(1, f"picked {k}"))
+        inner = Prod(*(q.axis(j) for j in js)) if len(js) > 1 else (q.axis(js[0]) if js else Fresh(1, f"pick {tag} at {k}"))
         if extent == z.shape[k]:
             out.append(Tie(z.axis(k), inner, "a slice of a fused tensor, through views"))
         else:
-            seg = Cat(Fresh(start, f"before {k}"), inner, Fresh(z.shape[k] - start - extent, f"after {k}"))
+            seg = Cat(Fresh(start, f"before {tag} at {k}"), inner,
+                      Fresh(z.shape[k] - start - extent, f"after {tag} at {k}"))
             out.append(Tie(z.axis(k), seg, "a slice of a fused tensor, through views"))
     return out
 
@@ -140,7 +142,7 @@ def picks_through_views(graph: torch.fx.Graph) -> tuple[set[str], dict[str, list
             else:
                 idx = list(range(y_idx.shape[dim]))
             for i, q in zip(idx, outs):
-                box = _box(z, q, y_idx.select(dim, i))
+                box = _box(z, q, y_idx.select(dim, i), i)
                 if box is None:
                     break
                 cons += box

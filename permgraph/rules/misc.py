@@ -87,7 +87,7 @@ def _spatial_rule(op: OpCall) -> Iterator[Constraint]:
 rule(*_SPATIAL)(_spatial_rule)
 
 
-def _channels_into_space(op: OpCall, many: TensorValue, few: TensorValue, k: int, space: int, why: str):
+def _channels_into_space(many: TensorValue, few: TensorValue, k: int, space: int, why: str) -> Iterator[Constraint]:
     """``many``'s channel dim (dim ``-space - 1``) is ``few``'s channels times ``k`` sub-positions
     that move into space: those and every spatial dim are ordered, the channels may move."""
     c = many.ndim - space - 1
@@ -106,13 +106,13 @@ def _channels_into_space(op: OpCall, many: TensorValue, few: TensorValue, k: int
 @rule("aten.pixel_shuffle")
 def _pixel_shuffle(op: OpCall) -> Iterator[Constraint]:
     r = int(op.args["upscale_factor"])
-    yield from _channels_into_space(op, op.tensor("self"), op.out, r * r, 2, "pixel_shuffle")
+    yield from _channels_into_space(op.tensor("self"), op.out, r * r, 2, "pixel_shuffle")
 
 
 @rule("aten.pixel_unshuffle")
 def _pixel_unshuffle(op: OpCall) -> Iterator[Constraint]:
     r = int(op.args["downscale_factor"])
-    yield from _channels_into_space(op, op.out, op.tensor("self"), r * r, 2, "pixel_unshuffle")
+    yield from _channels_into_space(op.out, op.tensor("self"), r * r, 2, "pixel_unshuffle")
 
 
 @rule("aten.im2col")  # F.unfold: [N, C, H, W] -> [N, C * kh * kw, L]
