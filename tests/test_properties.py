@@ -1,6 +1,7 @@
 """Property-based soundness: random MLP and CNN architectures (widths, residual adds,
-concatenations, splits, norms, head-style reshapes, flattens, activations) always get a
-sound spec: ``lint`` passes and a random permutation of every group keeps the outputs.
+concatenations, splits, norms, head-style reshapes, flattens, activations), transformers, and
+slices picked through random views always get a sound spec: ``lint`` passes and a random
+permutation of every group keeps the outputs.
 
 Each architecture is a plain list of block descriptions drawn by hypothesis and built by
 a small interpreter module, so a failing example prints as a readable recipe.
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -334,3 +335,67 @@ def test_random_transformer_is_sound(heads, head_dim, kv_div, layers, fused, cau
     E = heads * head_dim
     stream = [g for g in spec.groups if any(m.key == "emb.weight" and m.axis == 1 for m in g.members)]
     assert len(stream) == 1 and stream[0].size == E, spec
+
+
+# --------------------------------------------------------------------------------------
+# slices picked through views
+
+
+class RandomPicks(nn.Module):
+    """A linear's ``p0 * p1 * p2`` units viewed as ``[B, p0, p1, p2]``, its dims permuted,
+    optionally made contiguous, then every slice along one non-batch dim picked (by
+    ``unbind``, by ``select``, or by indexing) and read by a linear of its own; ``reduce``
+    gives the viewed tensor one more user, a sum, which is no pick."""
+
+    def __init__(self, sizes: tuple[int, int, int], order: tuple[int, ...], pick_at: int, how: str,
+                 contiguous: bool, reduce: bool):
+        super().__init__()
+        self.sizes, self.order, self.how, self.contiguous, self.reduce = sizes, order, how, contiguous, reduce
+        self.a = nn.Linear(3, sizes[0] * sizes[1] * sizes[2])
+        self.batch_at = order.index(0)
+        self.pick_at = [d for d in range(4) if d != self.batch_at][pick_at]
+        width = sizes[0] * sizes[1] * sizes[2]
+        n = (1, *sizes)[order[self.pick_at]]
+        self.b = nn.ModuleList(nn.Linear(width // n, 2) for _ in range(n))
+        self.c = nn.Linear(width // n, 2)
+
+    def forward(self, x):
+        h = F.relu(self.a(x)).view(-1, *self.sizes).permute(*self.order)
+        if self.contiguous:
+            h = h.contiguous()
+        n = h.shape[self.pick_at]
+        if self.how == "unbind":
+            slices = h.unbind(self.pick_at)
+        elif self.how == "select":
+            slices = [h.select(self.pick_at, i) for i in range(n)]
+        else:
+            slices = [h[(slice(None),) * self.pick_at + (i,)] for i in range(n)]
+        batch_at = self.batch_at - (self.batch_at > self.pick_at)
+        out = sum(b(s.movedim(batch_at, 0).reshape(s.shape[batch_at], -1)) for b, s in zip(self.b, slices))
+        if self.reduce:
+            out = out + self.c(h.sum(self.pick_at).movedim(batch_at, 0).reshape(x.shape[0], -1))
+        return out
+
+
+@SETTINGS
+@example(sizes=(3, 2, 2), order=[0, 1, 2, 3], pick_at=0, how="unbind", contiguous=False, reduce=False)
+@example(sizes=(2, 3, 2), order=[2, 0, 3, 1], pick_at=2, how="index", contiguous=True, reduce=False)
+@given(
+    sizes=st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(2, 3)),
+    order=st.permutations([0, 1, 2, 3]),
+    pick_at=st.integers(0, 2),
+    how=st.sampled_from(["unbind", "select", "index"]),
+    contiguous=st.booleans(),
+    reduce=st.booleans(),
+)
+def test_random_picks_through_views_are_sound(sizes, order, pick_at, how, contiguous, reduce):
+    torch.manual_seed(0)
+    model = RandomPicks(sizes, tuple(order), pick_at, how, contiguous, reduce)
+    spec = assert_sound(model, torch.randn(5, 3, generator=torch.Generator().manual_seed(1)), min_groups=0)
+    _assert_round_trip(spec, model)
+    # picking along the outermost factor cuts the units into contiguous runs: each run moves
+    # on its own (a.weight members start at every run), unless the sum reads them all alike
+    if model.order[model.pick_at] == 1 and sizes[0] > 1 and not reduce:
+        run = sizes[1] * sizes[2]
+        starts = {m.layout.offset for g in spec.groups for m in g.members if m.key == "a.weight"}
+        assert starts >= {i * run for i in range(sizes[0])}, spec
