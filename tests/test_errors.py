@@ -18,6 +18,7 @@ from permgraph import (
     SpecMismatchError,
     TraceError,
     UnsupportedOpError,
+    VerificationError,
 )
 
 
@@ -242,6 +243,26 @@ def test_verify_with_a_bad_permutation(mlp):
     model, spec = mlp
     with pytest.raises(PermutationError):
         spec.verify(model, torch.randn(3, 4), perm=_one_bad(spec, torch.zeros(8, dtype=torch.long)))
+
+
+def test_verify_on_a_model_that_changes_between_runs_says_so():
+    """Outputs that change with nothing permuted (here a counter kept outside the weights)
+    are no symmetry failure: verify says the model is not deterministic, and blames no group."""
+
+    class Drifting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.calls = nn.Linear(4, 8), nn.Linear(8, 2), 0
+
+        def forward(self, x):
+            self.calls += 1
+            return self.b(F.relu(self.a(x))) + self.calls
+
+    model = Drifting()
+    spec = permgraph.infer(model, torch.randn(3, 4))
+    with pytest.raises(VerificationError, match="differ between two runs with the same weights") as info:
+        spec.verify(model, torch.randn(3, 4))
+    assert info.value.culprits == ()
 
 
 # --------------------------------------------------------------------------------------

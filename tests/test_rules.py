@@ -992,6 +992,29 @@ def test_gather_along_tokens_keeps_the_channels(fn):
     assert spec.unsupported and all("along dim 1" in u.reason for u in spec.unsupported)
 
 
+def test_random_token_masking_is_verified_with_the_same_noise():
+    """A masked autoencoder keeps a random half of its tokens (noise -> argsort -> gather).
+    verify runs every forward from one seed, so both runs keep the same tokens; the channels
+    stay permutable, and the runs leave torch's global random state as it was."""
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+
+        def forward(self, x):  # x: [N, tokens, 4]
+            h = F.relu(self.a(x))
+            keep = torch.rand(h.shape[:2]).argsort(1)[:, : h.shape[1] // 2]
+            return self.b(torch.gather(h, 1, keep.unsqueeze(-1).expand(-1, -1, h.shape[-1])))
+
+    model, x = Masked(), _x(2, 6, 4)
+    spec = assert_sound(model, x)
+    assert group_with(spec, "a.weight", 0).size == 8
+    state = torch.random.get_rng_state()
+    spec.verify(model, x, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
 @pytest.mark.parametrize("fn", [
     lambda h: torch.sort(h, dim=-1).values,
     lambda h: torch.topk(h, 3, dim=-1).values,
