@@ -7,7 +7,7 @@ forgotten buffer would show), and the seconds that took (infer, lint and verify)
 
     python examples/inspect_zoo.py                 # the 14 models of the named zoo
     python examples/inspect_zoo.py resnet18 gpt2   # some of them
-    python examples/inspect_zoo.py --all           # all 81 (a few minutes)
+    python examples/inspect_zoo.py --all           # all 86 (a few minutes)
 """
 
 from __future__ import annotations

@@ -105,6 +105,26 @@ def _hf(config: str, model: str, **cfg: Any) -> Callable[[], nn.Module]:
     return build
 
 
+def _video(name: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import torchvision.models.video
+
+        torch.manual_seed(0)
+        return getattr(torchvision.models.video, name)(weights=None)
+
+    return build
+
+
+def _seg(name: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import torchvision.models.segmentation
+
+        torch.manual_seed(0)
+        return getattr(torchvision.models.segmentation, name)(weights=None, weights_backbone=None, num_classes=3)
+
+    return build
+
+
 def _mlp() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
@@ -255,6 +275,21 @@ WIDE_ZOO: dict[str, ZooEntry] = {
                                            encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
                                            decoder_ffn_dim=128)),
             ("mamba", "Mamba", "ForCausalLM", dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, state_size=8)),
+        ]),
+        # a video CNN, a segmentation head, and Hugging Face vision/audio encoders: random
+        # token masking (noise -> argsort -> gather), weight-normed positional convolution
+        ZooEntry("r3d_18", _video("r3d_18"), lambda: torch.randn(1, 3, 4, 32, 32, generator=torch.Generator().manual_seed(0)),
+                 1, "torchvision"),
+        ZooEntry("lraspp_mobilenet_v3_large", _seg("lraspp_mobilenet_v3_large"), _img(64), 1, "torchvision"),
+        *(ZooEntry(f"hf_{n}", _hf(f"{m}Config", f"{m}Model", **cfg), inputs, 1, "transformers") for n, m, cfg, inputs in [
+            ("vit_mae", "ViTMAE", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       image_size=32, patch_size=8), _img(32)),
+            ("wav2vec2", "Wav2Vec2", dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                                          conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3),
+                                          num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4),
+             lambda: torch.randn(1, 400, generator=torch.Generator().manual_seed(0))),
+            ("segformer", "Segformer", dict(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32],
+                                            num_attention_heads=[1, 2], mlp_ratios=[2, 2]), _img(64)),
         ]),
     ]
 }
