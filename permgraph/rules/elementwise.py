@@ -33,7 +33,7 @@ def _pointwise(op: OpCall) -> Iterator[Constraint]:
             for x in ins:
                 yield from (Free(a) for a in x.axes if a.size == 1)
             continue
-        yield from broadcast(ins, out, f"element-wise {op.name}")
+        yield from broadcast(ins, out, f"element-wise {op.name.split('.')[1]}")
 
 
 @rule("aten.prelu")
