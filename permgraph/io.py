@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from permgraph.errors import PermGraphError, SpecMismatchError
-from permgraph.spec import PermSpec
+from permgraph.spec import PermSpec, missing_and_extra
 
 __all__ = [
     "FileFormatError",
@@ -274,9 +274,7 @@ def load_permutation(path: PathLike, spec: PermSpec) -> dict[str, torch.Tensor]:
     if missing or extra:
         raise SpecMismatchError(
             f"{where} does not fit this spec: "
-            + (f"groups missing from the file: {missing[:5]}" if missing else "")
-            + ("; " if missing and extra else "")
-            + (f"groups the spec does not have: {extra[:5]}" if extra else "")
+            + missing_and_extra(missing, extra, "groups missing from the file:", "groups the spec does not have:")
             + ". It was made for another architecture; infer the spec of the model it was made for."
         )
     by_name = {g["name"]: g for g in groups}

@@ -209,9 +209,7 @@ class PermSpec:
         if missing or extra:
             raise SpecMismatchError(
                 f"{what} does not match the architecture of this spec: "
-                + (f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}" if missing else "")
-                + ("; " if missing and extra else "")
-                + (f"unexpected keys {extra[:5]}{' ...' if len(extra) > 5 else ''}" if extra else "")
+                + missing_and_extra(missing, extra, "missing keys", "unexpected keys")
                 + ". Infer the spec from the same architecture as the weights."
             )
         for k, shape in self.shapes.items():
@@ -486,6 +484,16 @@ def _describe(x: Any) -> str:
     if isinstance(x, torch.Tensor):
         return f"Tensor{tuple(x.shape)} {x.dtype}"
     return type(x).__name__
+
+
+def missing_and_extra(missing: Sequence[str], extra: Sequence[str], missing_what: str, extra_what: str) -> str:
+    """``"<missing_what> [a, b] ...; <extra_what> [c]"`` (the first five of each) for an error message."""
+
+    def few(xs: Sequence[str]) -> str:
+        return f"{list(xs[:5])}{' ...' if len(xs) > 5 else ''}"
+
+    parts = [f"{missing_what} {few(missing)}"] * bool(missing) + [f"{extra_what} {few(extra)}"] * bool(extra)
+    return "; ".join(parts)
 
 
 def _flat_outputs(out: Any) -> list[torch.Tensor]:

@@ -75,12 +75,16 @@ class ZooEntry:
     needs: str = ""
 
 
-def _tv(name: str, **kw: Any) -> Callable[[], nn.Module]:
+def _tv(name: str, family: str = "", **kw: Any) -> Callable[[], nn.Module]:
+    """A torchvision model builder; ``family`` is a sub-package of ``torchvision.models``
+    (``video``, ``segmentation``) or empty."""
+
     def build() -> nn.Module:
-        import torchvision
+        import importlib
 
         torch.manual_seed(0)
-        return getattr(torchvision.models, name)(weights=None, **kw)
+        models = importlib.import_module("torchvision.models" + (f".{family}" if family else ""))
+        return getattr(models, name)(weights=None, **kw)
 
     return build
 
@@ -101,26 +105,6 @@ def _hf(config: str, model: str, **cfg: Any) -> Callable[[], nn.Module]:
 
         torch.manual_seed(0)
         return getattr(transformers, model)(getattr(transformers, config)(**cfg))
-
-    return build
-
-
-def _video(name: str) -> Callable[[], nn.Module]:
-    def build() -> nn.Module:
-        import torchvision.models.video
-
-        torch.manual_seed(0)
-        return getattr(torchvision.models.video, name)(weights=None)
-
-    return build
-
-
-def _seg(name: str) -> Callable[[], nn.Module]:
-    def build() -> nn.Module:
-        import torchvision.models.segmentation
-
-        torch.manual_seed(0)
-        return getattr(torchvision.models.segmentation, name)(weights=None, weights_backbone=None, num_classes=3)
 
     return build
 
@@ -278,9 +262,9 @@ WIDE_ZOO: dict[str, ZooEntry] = {
         ]),
         # a video CNN, a segmentation head, and Hugging Face vision/audio encoders: random
         # token masking (noise -> argsort -> gather), weight-normed positional convolution
-        ZooEntry("r3d_18", _video("r3d_18"), lambda: torch.randn(1, 3, 4, 32, 32, generator=torch.Generator().manual_seed(0)),
+        ZooEntry("r3d_18", _tv("r3d_18", "video"), lambda: torch.randn(1, 3, 4, 32, 32, generator=torch.Generator().manual_seed(0)),
                  1, "torchvision"),
-        ZooEntry("lraspp_mobilenet_v3_large", _seg("lraspp_mobilenet_v3_large"), _img(64), 1, "torchvision"),
+        ZooEntry("lraspp_mobilenet_v3_large", _tv("lraspp_mobilenet_v3_large", "segmentation", weights_backbone=None, num_classes=3), _img(64), 1, "torchvision"),
         *(ZooEntry(f"hf_{n}", _hf(f"{m}Config", f"{m}Model", **cfg), inputs, 1, "transformers") for n, m, cfg, inputs in [
             ("vit_mae", "ViTMAE", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                        image_size=32, patch_size=8), _img(32)),

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import permgraph
@@ -160,3 +161,17 @@ def assert_structure(spec: PermSpec, expected: list[tuple[int, set[tuple[str, in
             )
 
         raise AssertionError(f"group structure differs.\nexpected:\n{fmt(want)}\ngot:\n{fmt(got)}\n{spec}")
+
+
+class RunningMean(nn.Module):
+    """Updates a per-channel buffer in forward (in eval mode too) and reads it back."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.register_buffer("avg", torch.randn(8))
+
+    def forward(self, x):
+        h = F.relu(self.a(x))
+        self.avg.mul_(0.5).add_(0.5 * h.mean(0).detach())
+        return self.b(h - self.avg)

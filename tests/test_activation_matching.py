@@ -15,15 +15,7 @@ import permgraph
 from permgraph import SpecMismatchError
 from permgraph.match import ActivationStats, MatchError, activation_matching, activation_similarity
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: the machine is shared, and with two threads every small op can
-    wait on a descheduled peer (measured: 5-10x slower under load); the models are small."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mlp(seed: int = 0) -> nn.Module:

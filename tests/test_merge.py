@@ -7,7 +7,6 @@ not the fx program REPAIR runs), and on the barrier of two BatchNorm CNNs traine
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -20,14 +19,7 @@ from permgraph.match import weight_matching
 from permgraph.merge import MergeError, interpolate, repair, reset_batchnorm
 from permgraph.metrics import interpolation_curve
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """These models are small: one thread is fastest, and does not fight other processes for cores."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- interpolate ---------------------------------------------------------------------------------

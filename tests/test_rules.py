@@ -17,6 +17,7 @@ import permgraph
 from permgraph import Layout
 from tests.helpers import (
     M,
+    RunningMean,
     assert_sound,
     assert_structure,
     group_with,
@@ -630,20 +631,6 @@ def test_persistent_buffer_is_permuted_with_its_channels():
 
     spec = assert_sound(Buf(), _x(5, 4))
     assert_structure(spec, [(8, HIDDEN | {M("scale", 0)})])
-
-
-class RunningMean(nn.Module):
-    """Updates a per-channel buffer in forward (in eval mode too) and reads it back."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
-        self.register_buffer("avg", torch.randn(8))
-
-    def forward(self, x):
-        h = F.relu(self.a(x))
-        self.avg.mul_(0.5).add_(0.5 * h.mean(0).detach())
-        return self.b(h - self.avg)
 
 
 def test_buffer_updated_in_forward_is_permuted_with_its_channels():

@@ -26,14 +26,7 @@ from permgraph.match.weight import similarity_matrices, weight_matching
 from permgraph.testing import ZOO
 from tests.test_merge_many import digits, evaluate, mlp, trained
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These matrices are small: one thread avoids OpenMP wake-ups on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- the operator ------------------------------------------------------------------------------

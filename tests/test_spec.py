@@ -14,7 +14,7 @@ from torch import nn
 
 import permgraph
 from permgraph import Layout, Member, PermSpec, SpecMismatchError, VerificationError
-from tests.helpers import randomize_norm_stats
+from tests.helpers import RunningMean, randomize_norm_stats
 
 
 class Zoo(nn.Module):
@@ -383,17 +383,6 @@ def test_verify_leaves_the_model_and_its_mode_alone():
 def test_verify_on_a_model_that_updates_a_buffer_in_forward():
     """The spec is sound (checked by hand below), so verify must pass; and verify must not
     change the model's buffers (its docstring: "the model is not modified")."""
-
-    class RunningMean(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
-            self.register_buffer("avg", torch.randn(8))
-
-        def forward(self, x):
-            h = F.relu(self.a(x))
-            self.avg.mul_(0.5).add_(0.5 * h.mean(0).detach())
-            return self.b(h - self.avg)
 
     torch.manual_seed(0)
     model, x = RunningMean(), torch.randn(5, 4)

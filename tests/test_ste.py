@@ -12,14 +12,7 @@ from permgraph.match.ste import STEHistory, ste_matching
 from permgraph.match.weight import weight_matching
 from tests.test_merge_many import digits, evaluate, mlp, trained
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These matrices are tiny: one thread avoids OpenMP wake-ups on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

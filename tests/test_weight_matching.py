@@ -24,15 +24,7 @@ from permgraph.lap import LapError
 from permgraph.match import MatchError, WeightMatchingHistory, similarity_matrices, weight_matching
 from permgraph.testing import randomize_norm_stats
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: the machine is shared, and with two threads every small op can
-    wait on a descheduled peer (measured: 5-10x slower under load); the models are small."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _recovery(model: nn.Module, inputs, seed: int = 0) -> tuple[permgraph.PermSpec, dict, dict, dict, WeightMatchingHistory]:
