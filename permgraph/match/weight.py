@@ -30,9 +30,10 @@ LAP runs on the host, on a float64 copy of ``-S_g``.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal, overload
+from typing import Any, Literal, overload
 
 import torch
 
@@ -41,7 +42,10 @@ from permgraph.errors import SpecMismatchError
 from permgraph.match._common import LayoutInfo, MatchError, check_finite, check_spec, compose_index, gather_units
 from permgraph.spec import PermSpec
 
-__all__ = ["weight_matching", "WeightMatchingHistory", "similarity_matrices"]
+__all__ = ["weight_matching", "WeightMatchingHistory", "similarity_matrices", "DEFAULT_MAX_MEMORY"]
+
+#: What weight matching keeps between visits by default (similarities, converted tensors).
+DEFAULT_MAX_MEMORY = 512 << 20
 
 #: A step is kept when it raises the objective by more than this, relative.
 RTOL = 1e-12
@@ -69,6 +73,9 @@ class WeightMatchingHistory:
         reused: member terms found up to date.
         joint_moves: joint moves of nested groups (attention heads) kept.
         gemm_flops: floating-point operations of the similarity GEMMs.
+        cache_peak: the most bytes kept between visits (within ``max_memory``).
+        cache_evictions: entries dropped to stay within ``max_memory`` (a dropped
+            similarity is rebuilt in full at the group's next visit).
     """
 
     objective: list[float] = field(default_factory=list)
@@ -84,23 +91,23 @@ class WeightMatchingHistory:
     reused: int = 0
     joint_moves: int = 0
     gemm_flops: int = 0
+    cache_peak: int = 0
+    cache_evictions: int = 0
 
 
 class _Member:
     """One member of one group: its A matrix, and the permutations its term of ``S_g`` was
     last computed under."""
 
-    __slots__ = ("gi", "key", "axis", "lay", "others", "deps", "A", "bucket", "used")
+    __slots__ = ("gi", "key", "axis", "lay", "others", "deps", "bucket", "used")
 
-    def __init__(self, gi: int, key: str, axis: int, lay: LayoutInfo, others: dict[int, list[tuple[int, torch.Tensor]]],
-                 a: torch.Tensor) -> None:
+    def __init__(self, gi: int, key: str, axis: int, lay: LayoutInfo, others: dict[int, list[tuple[int, torch.Tensor]]]) -> None:
         self.gi = gi
         self.key = key
         self.axis = axis
         self.lay = lay
         self.others = others  # axis -> [(group index, positions)] of the *other* groups
         self.deps = sorted({g for parts in others.values() for g, _ in parts})
-        self.A = gather_units(a, axis, lay)
         self.bucket = 0  # 1 for the members of a nest (see _Nest)
         self.used: Index | None = None  # the indices its share of S was computed with
 
@@ -113,17 +120,16 @@ class _Nest:
     through (every group on the tensor but the outer and inner ones on this axis).
     """
 
-    __slots__ = ("mem", "inner", "lay", "others", "A")
+    __slots__ = ("mem", "inner", "lay", "others")
 
     def __init__(self, mem: _Member, inner: int, pos: torch.Tensor, others: dict[int, list[tuple[int, torch.Tensor]]],
-                 a: torch.Tensor) -> None:
+                 axis_size: int) -> None:
         self.mem = mem
         self.inner = inner
         n_outer, n_inner = pos.shape[-2], pos.shape[-1]
         flat = pos.reshape(*pos.shape[:-2], n_outer * n_inner, 1)
-        self.lay = LayoutInfo(flat, a.shape[mem.axis])
+        self.lay = LayoutInfo(flat, axis_size)
         self.others = others
-        self.A = gather_units(a, mem.axis, self.lay)
 
 
 def _nested_positions(pos_outer: torch.Tensor, pos_inner: torch.Tensor, axis_size: int) -> torch.Tensor | None:
@@ -153,30 +159,117 @@ def _nested_positions(pos_outer: torch.Tensor, pos_inner: torch.Tensor, axis_siz
     return pos_outer.gather(-1, order)
 
 
+class _Budget:
+    """What weight matching keeps from visit to visit, within ``max_bytes``.
+
+    Entries are similarity matrices (costly: a GEMM per member to rebuild) and *cheap* ones
+    (B's or A's tensors in the compute dtype, A's member matrices: a copy to rebuild). When
+    the total passes the budget, cheap entries go first, then similarities, least recently
+    used first. An entry that is a view of a caller's tensor costs nothing.
+    """
+
+    def __init__(self, max_bytes: int | None) -> None:
+        self.max = max_bytes
+        self.items: dict[bool, OrderedDict[Any, tuple[Any, int]]] = {True: OrderedDict(), False: OrderedDict()}
+        self.total = 0
+        self.peak = 0
+        self.evictions = 0
+
+    def get(self, key: Any, cheap: bool) -> Any:
+        items = self.items[cheap]
+        hit = items.get(key)
+        if hit is None:
+            return None
+        items.move_to_end(key)
+        return hit[0]
+
+    def pop(self, key: Any, cheap: bool) -> Any:
+        """Take an entry out (the caller works on it and puts it back)."""
+        hit = self.items[cheap].pop(key, None)
+        if hit is None:
+            return None
+        self.total -= hit[1]
+        return hit[0]
+
+    def put(self, key: Any, value: Any, cost: int, cheap: bool) -> None:
+        """Keep ``value`` (unless it alone passes the budget), dropping others to make room."""
+        if self.max is not None and cost > self.max:
+            return
+        self.items[cheap][key] = (value, cost)
+        self.total += cost
+        for pool in (self.items[True], self.items[False]):
+            while self.max is not None and self.total > self.max:
+                old = next((k for k in pool if k != key), None)
+                if old is None:
+                    break
+                self.total -= pool.pop(old)[1]
+                self.evictions += 1
+        self.peak = max(self.peak, self.total)
+
+
+def _cost(t: torch.Tensor, owner: torch.Tensor | None) -> int:
+    """Bytes that keeping ``t`` holds beyond the caller's own tensor ``owner``."""
+    if owner is not None and t.device == owner.device and (
+            t.untyped_storage().data_ptr() == owner.untyped_storage().data_ptr()):
+        return 0
+    return t.untyped_storage().nbytes()
+
+
+class _Weights:
+    """One model's member tensors, read from its state_dict (possibly lazily, e.g. from a
+    memory-mapped checkpoint) in the compute dtype on the compute device, one tensor at a
+    time; kept within the budget as cheap entries."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor], dtypes: Mapping[str, torch.dtype], device: torch.device,
+                 budget: _Budget, tag: str) -> None:
+        self.state = state
+        self.dtypes = dtypes
+        self.device = device
+        self.budget = budget
+        self.tag = tag
+
+    def get(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tensor in the compute dtype, and the caller's tensor it came from."""
+        src = self.state[key].detach()
+        hit = self.budget.get((self.tag, key), cheap=True)
+        if hit is None:
+            hit = src.to(device=self.device, dtype=self.dtypes[key])
+            self.budget.put((self.tag, key), hit, _cost(hit, src), cheap=True)
+        return hit, src
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.get(key)[0]
+
+
 class _Problem:
     """The precomputed structure of one (spec, A, B) matching problem."""
 
-    def __init__(self, spec: PermSpec, state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch.Tensor]) -> None:
+    def __init__(self, spec: PermSpec, state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch.Tensor],
+                 *, max_memory: int | None = None, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         self.spec = spec
         self.sizes = [g.size for g in spec.groups]
+        self.budget = _Budget(max_memory)
         # every (group, positions) on every axis of every member tensor
         self.on_axis: dict[str, dict[int, list[tuple[int, torch.Tensor]]]] = {}
         for gi, g in enumerate(spec.groups):
             for m in g.members:
                 self.on_axis.setdefault(m.key, {}).setdefault(m.axis, []).append((gi, m.layout.positions(g.size)))
         self.keys = list(self.on_axis)
-        self.a: dict[str, torch.Tensor] = {}
-        self.b: dict[str, torch.Tensor] = {}
+        self.shapes = {k: tuple(spec.shapes[k]) for k in self.keys}
+        dtypes = {}
+        first = state_a[self.keys[0]] if self.keys else torch.empty(0)
+        self.device = torch.device(device) if device is not None else first.device
         for key in self.keys:
             ta, tb = state_a[key], state_b[key]
-            dtype = torch.promote_types(torch.promote_types(ta.dtype, tb.dtype), torch.float32)
-            self.a[key] = ta.detach().to(dtype)
-            self.b[key] = tb.detach().to(device=ta.device, dtype=dtype)
+            dtypes[key] = dtype or torch.promote_types(torch.promote_types(ta.dtype, tb.dtype), torch.float32)
+        self.a = _Weights(state_a, dtypes, self.device, self.budget, "a")
+        self.b = _Weights(state_b, dtypes, self.device, self.budget, "b")
         n_groups = len(spec.groups)
         self.members: list[list[_Member]] = [[] for _ in range(n_groups)]
         self.nests: list[list[_Nest]] = [[] for _ in range(n_groups)]
         # S[g] = [plain members' share, nested members' share], kept up to date by refresh()
-        self.S: list[list[torch.Tensor | None]] = [[None, None] for _ in range(n_groups)]
+        # while the budget keeps it (see _take_s / _keep_s)
         self.users: list[set[int]] = [set() for _ in range(n_groups)]  # groups whose S reads group h
         self.tensors_of: list[set[str]] = [set() for _ in range(n_groups)]
         for gi, g in enumerate(spec.groups):
@@ -185,17 +278,17 @@ class _Problem:
                 pos = m.layout.positions(g.size)
                 axes = self.on_axis[m.key]
                 others = self._others(m.key, m.axis, {gi}, pos)
-                mem = _Member(gi, m.key, m.axis, LayoutInfo(pos, self.a[m.key].shape[m.axis]), others, self.a[m.key])
+                mem = _Member(gi, m.key, m.axis, LayoutInfo(pos, self.shapes[m.key][m.axis]), others)
                 self.members[gi].append(mem)
                 for h in mem.deps:
                     self.users[h].add(gi)
                 for d, pos_d in axes[m.axis]:
                     if d == gi:
                         continue
-                    inner = _nested_positions(pos, pos_d, self.a[m.key].shape[m.axis])
+                    inner = _nested_positions(pos, pos_d, self.shapes[m.key][m.axis])
                     if inner is not None:
                         nest_others = self._others(m.key, m.axis, {gi, d}, pos)
-                        self.nests[gi].append(_Nest(mem, d, inner, nest_others, self.a[m.key]))
+                        self.nests[gi].append(_Nest(mem, d, inner, nest_others, self.shapes[m.key][m.axis]))
                         mem.bucket = 1
                         break
         self.partners = [sorted({n.inner for n in nests}) for nests in self.nests]
@@ -216,7 +309,7 @@ class _Problem:
         every group on the tensor's other axes, and those on ``axis`` itself that move some
         of ``pos`` (a group on a disjoint segment cannot change what the member reads), but
         not those in ``skip`` there."""
-        mine = torch.zeros(self.a[key].shape[axis], dtype=torch.bool)
+        mine = torch.zeros(self.shapes[key][axis], dtype=torch.bool)
         mine[pos.reshape(-1)] = True
         out: dict[int, list[tuple[int, torch.Tensor]]] = {}
         for ax, parts in self.on_axis[key].items():
@@ -230,8 +323,8 @@ class _Problem:
 
     # -- products ------------------------------------------------------------------------
     def _indices(self, key: str, others: dict[int, list[tuple[int, torch.Tensor]]], perm: list[torch.Tensor]) -> Index:
-        t = self.b[key]
-        return {axis: compose_index(t.shape[axis], [(pos, perm[g2]) for g2, pos in parts]) for axis, parts in others.items()}
+        shape = self.shapes[key]
+        return {axis: compose_index(shape[axis], [(pos, perm[g2]) for g2, pos in parts]) for axis, parts in others.items()}
 
     def _b_matrix(self, key: str, axis: int, lay: LayoutInfo, idx: Index,
                   select: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
@@ -243,31 +336,45 @@ class _Problem:
             gathers.insert(0, select)
         return gather_units(self.b[key], axis, lay, idx.get(axis), gathers)
 
-    def _add(self, gi: int, bucket: int, a: torch.Tensor, b: torch.Tensor) -> None:
-        """``S_g[bucket] += a · bᵀ``; the buckets hold ``-S_g`` (the LAP's cost, so handing it
-        to the LAP is one copy)."""
-        s = self.S[gi][bucket]
-        if s is None:
-            self.S[gi][bucket] = torch.mm(a, b.T).neg_()
-        elif s.device == a.device:
-            s.addmm_(a, b.T, alpha=-1)
-        else:
-            s.sub_((a @ b.T).to(s.device))
+    def _a_matrix(self, key: str, axis: int, lay: LayoutInfo, tag: int) -> torch.Tensor:
+        """A's ``(n, rest)`` matrix of a member (kept as a cheap entry)."""
+        hit = self.budget.get(("A", tag), cheap=True)
+        if hit is None:
+            a, src = self.a.get(key)
+            hit = gather_units(a, axis, lay)
+            self.budget.put(("A", tag), hit, _cost(hit, src), cheap=True)
+        return hit
 
-    def refresh(self, gi: int, perm: list[torch.Tensor], hist: WeightMatchingHistory) -> None:
-        """Bring ``S_g`` up to date with the current permutations of the other groups.
+    @staticmethod
+    def _add(s: list[torch.Tensor | None], bucket: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        """``s[bucket] += a · bᵀ``; the buckets hold ``-S_g`` (the LAP's cost, so handing it
+        to the LAP is one copy)."""
+        if s[bucket] is None:
+            s[bucket] = torch.mm(a, b.T).neg_()
+        else:
+            s[bucket].addmm_(a, b.T, alpha=-1)
+
+    def refresh(self, gi: int, perm: list[torch.Tensor], hist: WeightMatchingHistory) -> list[torch.Tensor | None]:
+        """``S_g`` brought up to date with the current permutations of the other groups.
 
         A member not yet counted adds ``A_m · B_mᵀ``; a member whose other axes were
         re-gathered since adds ``A_m · (B_new - B_old)ᵀ``, over the moved positions only when
         one other axis changed. (One addmm per term: concatenating a group's terms into one
-        GEMM saves passes over ``S_g`` but copies the terms, and measured slower.)"""
+        GEMM saves passes over ``S_g`` but copies the terms, and measured slower.) ``S_g`` is
+        kept for the next visit while the memory budget allows; when it was dropped, every
+        member counts anew."""
         n = self.sizes[gi]
+        s = self.budget.pop(("S", gi), cheap=False)
+        if s is None:
+            s = [None, None]
+            for mem in self.members[gi]:
+                mem.used = None
         for mem in self.members[gi]:
             if mem.used is not None and not mem.others:
                 continue  # no other group touches it: counted once, for good
             idx = self._indices(mem.key, mem.others, perm)
             if mem.used is None:
-                a, b = mem.A, self._b_matrix(mem.key, mem.axis, mem.lay, idx)
+                a, b = self._a_matrix(mem.key, mem.axis, mem.lay, id(mem)), self._b_matrix(mem.key, mem.axis, mem.lay, idx)
                 hist.products += 1
             else:
                 changed = [ax for ax in idx if not _same(idx[ax], mem.used.get(ax))]
@@ -276,7 +383,7 @@ class _Problem:
                     continue
                 if len(changed) == 1 and changed[0] != mem.axis:
                     axis = changed[0]
-                    n_axis = self.b[mem.key].shape[axis]
+                    n_axis = self.shapes[mem.key][axis]
                     new, old = idx[axis], mem.used[axis]
                     new = torch.arange(n_axis) if new is None else new
                     old = torch.arange(n_axis) if old is None else old
@@ -286,18 +393,21 @@ class _Problem:
                     b -= self._b_matrix(mem.key, mem.axis, mem.lay, idx, select=(axis, old[moved]))
                     hist.updates += 1
                 else:
-                    a = mem.A  # (out of place: with nothing to gather, B's matrix is a view of B)
+                    a = self._a_matrix(mem.key, mem.axis, mem.lay, id(mem))
+                    # (out of place: with nothing to gather, B's matrix is a view of B)
                     b = self._b_matrix(mem.key, mem.axis, mem.lay, idx) - self._b_matrix(mem.key, mem.axis, mem.lay, mem.used)
                     hist.products += 1
-            self._add(gi, mem.bucket, a, b)
+            self._add(s, mem.bucket, a, b)
             hist.gemm_flops += 2 * n * n * a.shape[1]
+            del a, b  # before the next member's are made
             mem.used = idx
+        self.budget.put(("S", gi), s, sum(t.untyped_storage().nbytes() for t in s if t is not None), cheap=False)
+        return s
 
     def cost(self, gi: int, perm: list[torch.Tensor], hist: WeightMatchingHistory, plain_only: bool = False) -> torch.Tensor:
-        """``-S_g`` of group ``gi`` under the permutations of the others, on the members'
+        """``-S_g`` of group ``gi`` under the permutations of the others, on the compute
         device (only the members outside nests when ``plain_only``); not to be modified."""
-        self.refresh(gi, perm, hist)
-        plain, nested = self.S[gi]
+        plain, nested = self.refresh(gi, perm, hist)
         if plain_only or nested is None:
             return plain if plain is not None else torch.zeros(self.sizes[gi], self.sizes[gi])
         return nested if plain is None else plain + nested
@@ -312,7 +422,8 @@ class _Problem:
         for nest in nests:
             m = self.sizes[nest.inner]
             idx = self._indices(nest.mem.key, nest.others, perm)
-            c = nest.A @ self._b_matrix(nest.mem.key, nest.mem.axis, nest.lay, idx).T
+            a = self._a_matrix(nest.mem.key, nest.mem.axis, nest.lay, id(nest))
+            c = a @ self._b_matrix(nest.mem.key, nest.mem.axis, nest.lay, idx).T
             hist.products += 1
             c = c.view(n, m, n, m).permute(0, 2, 1, 3)
             blocks[nest.inner] = c if nest.inner not in blocks else blocks[nest.inner] + c
@@ -331,7 +442,7 @@ class _Problem:
         """``<A_T, P(B_T)>`` for one tensor."""
         t = self.b[key]
         for axis, parts in self.on_axis[key].items():
-            index = compose_index(t.shape[axis], [(pos, perm[g]) for g, pos in parts])
+            index = compose_index(self.shapes[key][axis], [(pos, perm[g]) for g, pos in parts])
             assert index is not None
             t = t.index_select(axis, index.to(t.device))
         return float(torch.vdot(self.a[key].reshape(-1), t.reshape(-1)))
@@ -358,8 +469,8 @@ class _Descent:
         self.ar = [torch.arange(n) for n in prob.sizes]
         # dirty[g]: a group that g reads changed since g last solved its LAP
         self.dirty = [True] * len(prob.sizes)
-        self.buf: list[torch.Tensor | None] = [None] * len(prob.sizes)
-        self.objective = sum(prob.tensor_objective(k, perm) for k in prob.keys)
+        self.objectives = {k: prob.tensor_objective(k, perm) for k in prob.keys}
+        self.objective = sum(self.objectives.values())
 
     def _solve(self, cost: torch.Tensor) -> torch.Tensor:
         """The LAP of a float64 CPU cost matrix (finite: the weights were checked)."""
@@ -370,15 +481,11 @@ class _Descent:
         return p
 
     def _cost(self, gi: int, perm: list[torch.Tensor]) -> torch.Tensor:
-        """``-S_g`` as a float64 CPU matrix (a buffer reused from visit to visit)."""
+        """``-S_g`` as a float64 CPU matrix (a new copy: it is not kept between visits)."""
         t0 = time.perf_counter()
-        c = self.prob.cost(gi, perm, self.hist)
-        buf = self.buf[gi]
-        if buf is None:
-            buf = self.buf[gi] = torch.empty(c.shape, dtype=torch.float64)
-        buf.copy_(c)
+        c = self.prob.cost(gi, perm, self.hist).to(device="cpu", dtype=torch.float64, copy=True)
         self.hist.product_seconds += time.perf_counter() - t0
-        return buf
+        return c
 
     def _changed(self, groups: list[int]) -> None:
         for g in groups:
@@ -398,10 +505,13 @@ class _Descent:
         new = -float(cost[self.ar[gi], p_new].sum())
         if not _improves(old, new):
             return []
-        self.perm[gi] = p_new
-        if self.prob.quadratic[gi]:  # the gain read off S is not exact there
-            self.objective = sum(self.prob.tensor_objective(k, self.perm) for k in self.prob.keys)
+        if self.prob.quadratic[gi]:  # the gain read off S is not exact there: measure it
+            keys = self.prob.tensors_of[gi]
+            before = sum(self.prob.tensor_objective(k, self.perm) for k in keys)
+            self.perm[gi] = p_new
+            self.objective += sum(self.prob.tensor_objective(k, self.perm) for k in keys) - before
         else:
+            self.perm[gi] = p_new
             self.objective += new - old
         self._changed([gi])
         return [gi]
@@ -448,10 +558,20 @@ def _validate(spec: PermSpec, state_a: Mapping[str, torch.Tensor], state_b: Mapp
         raise MatchError(f"max_iter must be a positive int, got {max_iter!r}")
 
 
+def _check_max_memory(max_memory: Any) -> int | None:
+    if max_memory is None:
+        return None
+    if isinstance(max_memory, bool) or not isinstance(max_memory, int) or max_memory < 0:
+        raise MatchError(f"max_memory must be a number of bytes >= 0 or None, got {max_memory!r}")
+    return max_memory
+
+
 @overload
 def weight_matching(spec: PermSpec, state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch.Tensor], *,
                     seed: int = 0, max_iter: int = 100, lap: str = "auto", progress: bool = False,
                     init: Mapping[str, torch.Tensor] | None = None,
+                    max_memory: int | None = DEFAULT_MAX_MEMORY, device: torch.device | str | None = None,
+                    dtype: torch.dtype | None = None,
                     return_history: Literal[False] = False) -> dict[str, torch.Tensor]: ...
 
 
@@ -459,6 +579,8 @@ def weight_matching(spec: PermSpec, state_a: Mapping[str, torch.Tensor], state_b
 def weight_matching(spec: PermSpec, state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch.Tensor], *,
                     seed: int = 0, max_iter: int = 100, lap: str = "auto", progress: bool = False,
                     init: Mapping[str, torch.Tensor] | None = None,
+                    max_memory: int | None = DEFAULT_MAX_MEMORY, device: torch.device | str | None = None,
+                    dtype: torch.dtype | None = None,
                     return_history: Literal[True]) -> tuple[dict[str, torch.Tensor], WeightMatchingHistory]: ...
 
 
@@ -472,6 +594,9 @@ def weight_matching(
     lap: str = "auto",
     progress: bool = False,
     init: Mapping[str, torch.Tensor] | None = None,
+    max_memory: int | None = DEFAULT_MAX_MEMORY,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
     return_history: bool = False,
 ) -> dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], WeightMatchingHistory]:
     """Align B to A by matching weights (Git Re-Basin, Alg. 1).
@@ -485,13 +610,22 @@ def weight_matching(
     Args:
         spec: the PermSpec of the architecture (:func:`permgraph.infer`).
         state_a: the reference state_dict.
-        state_b: the state_dict to align to ``state_a`` (same keys and shapes). Its tensors
-            are read on ``state_a``'s devices; everything but the LAP runs there.
+        state_b: the state_dict to align to ``state_a`` (same keys and shapes). Either may
+            be any mapping, such as a lazily read `permgraph.checkpoint.Checkpoint`: tensors
+            are read one at a time, converted to the compute dtype (float32, or wider when
+            stored wider) on the compute device, and dropped unless the memory budget keeps
+            them, so neither model is ever held whole.
         seed: seed of the random visiting order.
         max_iter: the most sweeps to run.
         lap: the LAP backend (see :func:`permgraph.lap.solve`).
         progress: show a tqdm bar over the sweeps.
         init: the starting permutation (default: the identity).
+        max_memory: bytes kept from visit to visit: the groups' similarity matrices (dropped
+            ones are rebuilt in full), and converted tensors and member matrices (dropped
+            first); None keeps everything. The permutation found does not depend on it
+            beyond float rounding; the time does.
+        device: where the products run (default: the device of ``state_a``'s first member
+            tensor); the LAP runs on the host.
         return_history: also return a :class:`WeightMatchingHistory` (the objective per
             sweep, the groups changed, counts and timings).
 
@@ -504,7 +638,7 @@ def weight_matching(
         SpecMismatchError: a state_dict does not match the spec (the message names the first
             mismatching key and its shapes), or a tensor holds NaN/inf (named).
         PermutationError: ``init`` is not a permutation of every group.
-        MatchError: ``max_iter`` is not a positive int.
+        MatchError: ``max_iter`` is not a positive int, or ``max_memory`` not a size.
         LapError: the LAP backend is unknown or not installed.
 
     Example:
@@ -530,7 +664,9 @@ def weight_matching(
         hist.converged = True
         hist.seconds = time.perf_counter() - t_start
         return ({}, hist) if return_history else {}
-    descent = _Descent(_Problem(spec, state_a, state_b), perm, lap, hist)
+    max_memory = _check_max_memory(max_memory)
+    prob = _Problem(spec, state_a, state_b, max_memory=max_memory, device=device, dtype=dtype)
+    descent = _Descent(prob, perm, lap, hist)
     hist.objective.append(descent.objective)
     gen = torch.Generator().manual_seed(seed)
     bar = None
@@ -557,6 +693,7 @@ def weight_matching(
         if bar is not None:
             bar.close()
     result = {g.name: descent.perm[gi] for gi, g in enumerate(spec.groups)}
+    hist.cache_peak, hist.cache_evictions = prob.budget.peak, prob.budget.evictions
     hist.seconds = time.perf_counter() - t_start
     return (result, hist) if return_history else result
 

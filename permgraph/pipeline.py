@@ -1,0 +1,256 @@
+"""Align, merge and permute checkpoints on disk, streaming: the work behind ``permgraph align``,
+``merge`` and ``apply``.
+
+Both checkpoints are opened lazily (`permgraph.checkpoint.open_checkpoint`); the architecture
+comes from a folder's ``config.json`` (built on the meta device) or from a model the caller
+builds; weight matching reads the tensors one at a time within a memory budget; the output is
+written tensor by tensor (`permgraph.checkpoint.write_checkpoint`). Neither model is ever held
+whole, so two checkpoints larger than the machine's memory can be aligned and merged.
+
+Only what must run the model holds it in memory: activation matching, BatchNorm reset and
+REPAIR load the models (``from_pretrained`` for a folder, ``load_state_dict`` otherwise).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from permgraph.checkpoint import Checkpoint, build_model, open_checkpoint, tied_aliases, write_checkpoint
+from permgraph.errors import PermGraphError
+from permgraph.match.weight import DEFAULT_MAX_MEMORY
+from permgraph.spec import PermSpec
+
+__all__ = ["Architecture", "architecture", "align_checkpoints", "merge_checkpoints", "apply_to_checkpoint", "permuted"]
+
+
+@dataclass
+class Architecture:
+    """A model's spec with the checkpoints it reads.
+
+    Attributes:
+        spec: the permutation groups (`permgraph.infer` of ``model``).
+        model: the model the spec was traced from (on the meta device for a folder).
+        inputs: the example inputs it was traced with.
+        checkpoints: the opened checkpoints, checked against the spec, tied keys aliased.
+        folder: True when the architecture came from a folder's ``config.json``.
+    """
+
+    spec: PermSpec
+    model: torch.nn.Module
+    inputs: Any
+    checkpoints: list[Checkpoint] = field(default_factory=list)
+    folder: bool = False
+
+    def entries(self, ck: Checkpoint) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        """What an output of this architecture holds: the stored keys of ``ck`` (tied keys
+        once, as ``save_pretrained`` writes them), stored dtypes and shapes, in file order."""
+        return [(k, ck.dtype(k), ck.shape(k)) for k in ck.stored_keys]
+
+
+def architecture(
+    paths: Iterable[str | os.PathLike],
+    *,
+    model: torch.nn.Module | None = None,
+    inputs: Any = None,
+    names: Iterable[str] = ("A", "B", "C", "D"),
+) -> Architecture:
+    """Open checkpoints and infer the spec of their architecture.
+
+    Args:
+        paths: checkpoint folders or files (all of one architecture).
+        model: the architecture, built by the caller; default: from the first folder's
+            ``config.json`` on the meta device.
+        inputs: example inputs for ``model`` (default: chosen from the folder's model).
+        names: how to call the checkpoints in messages.
+
+    Raises:
+        FileError, FileFormatError: a checkpoint or shard is missing, truncated or corrupted.
+        SpecMismatchError: a checkpoint does not match the architecture (key, file, shapes named).
+        TraceError: the model cannot be traced.
+    """
+    from permgraph.analysis import infer
+
+    cks = [open_checkpoint(p) for p in paths]
+    folder = model is None
+    if model is None:
+        model, built_inputs = build_model(cks[0])
+        inputs = built_inputs if inputs is None else inputs
+    elif inputs is None:
+        raise PermGraphError("a model given without example inputs: pass inputs= (what infer would take)")
+    spec = infer(model, inputs)
+    checked = []
+    for ck, name in zip(cks, names):
+        ck = ck.with_aliases(tied_aliases(model, ck))
+        ck.check(spec, f"checkpoint {name}")
+        checked.append(ck)
+    return Architecture(spec, model, inputs, checked, folder)
+
+
+def permuted(spec: PermSpec, perm: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> Callable[[str], torch.Tensor]:
+    """``key -> state[key]`` permuted by ``perm``, one tensor at a time (as `PermSpec.apply`
+    does for a whole state_dict: the same gathers, bit-exact)."""
+    axes: dict[str, list[int]] = {}
+    for g in spec.groups:
+        for m in g.members:
+            if m.axis not in axes.setdefault(m.key, []):
+                axes[m.key].append(m.axis)
+
+    def produce(key: str) -> torch.Tensor:
+        t = state[key]
+        for axis in sorted(axes.get(key, ())):
+            idx = spec.axis_index(key, axis, perm)
+            t = t.index_select(axis, idx.to(t.device))
+        return t
+
+    return produce
+
+
+def _metadata(arch: Architecture, **inputs: Any) -> dict[str, Any]:
+    from permgraph import __version__
+
+    return {"permgraph_version": __version__, "spec_fingerprint": arch.spec.fingerprint(),
+            "inputs": {k: (str(v) if isinstance(v, Path) else v) for k, v in inputs.items()}}
+
+
+def _match(arch: Architecture, method: str, *, seed: int, max_memory: int | None, device: Any, dtype: Any,
+           batches: Iterable[Any] | None, progress: bool, load_models: Callable[[], tuple[Any, Any]] | None,
+           perm_file: str | os.PathLike | None = None) -> tuple[dict[str, torch.Tensor], Any]:
+    from permgraph.match import activation_matching, weight_matching
+
+    spec = arch.spec
+    a, b = arch.checkpoints[0], arch.checkpoints[1]
+    if perm_file is not None:
+        from permgraph.io import load_permutation
+
+        return load_permutation(perm_file, spec), None
+    if method == "weight":
+        return weight_matching(spec, a, b, seed=seed, max_memory=max_memory, device=device, dtype=dtype,
+                               progress=progress, return_history=True)
+    if method == "activation":
+        if batches is None or load_models is None:
+            raise PermGraphError("activation matching needs data (--data) to run both models on")
+        model_a, model_b = load_models()
+        return activation_matching(spec, model_a, model_b, batches, progress=progress), None
+    raise PermGraphError(f"method must be 'weight' or 'activation', got {method!r}")
+
+
+def align_checkpoints(
+    arch: Architecture,
+    out: str | os.PathLike,
+    *,
+    method: str = "weight",
+    perm_out: str | os.PathLike | None = None,
+    seed: int = 0,
+    max_memory: int | None = DEFAULT_MAX_MEMORY,
+    device: Any = None,
+    dtype: Any = None,
+    batches: Iterable[Any] | None = None,
+    load_models: Callable[[], tuple[Any, Any]] | None = None,
+    overwrite: bool = False,
+    max_shard_size: int | None = None,
+    progress: bool = False,
+) -> tuple[dict[str, torch.Tensor], Any]:
+    """Align checkpoint B to A and write B aligned, streaming (see the module docstring).
+
+    Args:
+        arch: from `architecture` over ``[A, B]``.
+        out: the output folder (or ``.safetensors`` file).
+        method: ``"weight"`` (streamed) or ``"activation"`` (runs both models on ``batches``,
+            which ``load_models`` loads).
+        perm_out: also write the permutation file here.
+        seed, max_memory, device, dtype: as for `permgraph.match.weight_matching`.
+        overwrite, max_shard_size, progress: as for `permgraph.checkpoint.write_checkpoint`.
+
+    Returns:
+        ``(perm, history)`` (the history of weight matching; None for activation matching).
+    """
+    from permgraph.io import save_permutation
+
+    perm, hist = _match(arch, method, seed=seed, max_memory=max_memory, device=device, dtype=dtype, batches=batches,
+                        progress=progress, load_models=load_models)
+    b = arch.checkpoints[1]
+    write_checkpoint(out, arch.entries(b), permuted(arch.spec, perm, b), like=b, overwrite=overwrite,
+                     max_shard_size=max_shard_size, progress=progress,
+                     metadata=_metadata(arch, operation="align", a=arch.checkpoints[0].path, b=b.path, method=method))
+    if perm_out is not None:
+        save_permutation(perm_out, arch.spec, perm)
+    return perm, hist
+
+
+def merge_checkpoints(
+    arch: Architecture,
+    out: str | os.PathLike,
+    *,
+    alpha: float = 0.5,
+    method: str = "weight",
+    perm: Mapping[str, torch.Tensor] | None = None,
+    correct: Callable[[Callable[[str], torch.Tensor]], Mapping[str, torch.Tensor]] | None = None,
+    seed: int = 0,
+    max_memory: int | None = DEFAULT_MAX_MEMORY,
+    device: Any = None,
+    dtype: Any = None,
+    batches: Iterable[Any] | None = None,
+    load_models: Callable[[], tuple[Any, Any]] | None = None,
+    overwrite: bool = False,
+    max_shard_size: int | None = None,
+    progress: bool = False,
+) -> tuple[dict[str, torch.Tensor], Any]:
+    """Align B to A, then write ``(1 - alpha) * A + alpha * P(B)``, streaming.
+
+    Floating-point tensors are interpolated in float32 (or wider) and stored in their dtype;
+    integer buffers are A's (as `permgraph.merge.interpolate`). ``perm`` skips the matching;
+    ``correct`` (BatchNorm reset, REPAIR) gets the merged tensors and returns the state_dict
+    to write, so it is the one step that holds a model in memory.
+
+    Returns:
+        ``(perm, history)`` as for `align_checkpoints`.
+    """
+    from permgraph.merge import interpolate
+
+    if perm is None:
+        perm, hist = _match(arch, method, seed=seed, max_memory=max_memory, device=device, dtype=dtype, batches=batches, progress=progress, load_models=load_models)
+    else:
+        arch.spec.check_permutation(perm)
+        hist = None
+    a, b = arch.checkpoints[0], arch.checkpoints[1]
+    aligned_b = permuted(arch.spec, perm, b)
+
+    def mixed(key: str) -> torch.Tensor:
+        return interpolate({key: a[key]}, {key: aligned_b(key)}, alpha)[key]
+
+    produce = mixed
+    if correct is not None:
+        corrected = correct(mixed)
+        ref = {k: d for k, d, _ in arch.entries(a)}
+
+        def produce(key: str) -> torch.Tensor:
+            return corrected[key].detach().to(ref[key])
+
+    write_checkpoint(out, arch.entries(a), produce, like=a, overwrite=overwrite, max_shard_size=max_shard_size,
+                     progress=progress, metadata=_metadata(arch, operation="merge", a=a.path, b=b.path, method=method,
+                                                           alpha=alpha))
+    return dict(perm), hist
+
+
+def apply_to_checkpoint(
+    arch: Architecture,
+    perm: Mapping[str, torch.Tensor],
+    out: str | os.PathLike,
+    *,
+    checkpoint: Checkpoint | None = None,
+    overwrite: bool = False,
+    max_shard_size: int | None = None,
+    progress: bool = False,
+) -> Path:
+    """Write ``checkpoint`` (default: the first of ``arch``) permuted by ``perm``, streaming."""
+    arch.spec.check_permutation(perm)
+    ck = arch.checkpoints[0] if checkpoint is None else checkpoint
+    return write_checkpoint(out, arch.entries(ck), permuted(arch.spec, perm, ck), like=ck, overwrite=overwrite,
+                            max_shard_size=max_shard_size, progress=progress,
+                            metadata=_metadata(arch, operation="apply", checkpoint=ck.path))
