@@ -233,6 +233,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # a usage error (status 2, already printed), --help or --version
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+    from permgraph.checkpoint import return_freed_memory
+
+    return_freed_memory()
     try:
         return int(args.func(args))
     except PermGraphError as exc:

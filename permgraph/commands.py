@@ -121,7 +121,8 @@ def _report(arch: Architecture, perm: dict[str, torch.Tensor], hist: Any, second
     total = sum(moved[g.name] * g.size for g in arch.spec.groups) / max(arch.spec.num_units, 1)
     if hist is not None:
         out |= {"sweeps": hist.sweeps, "objective": [hist.objective[0], hist.objective[-1]],
-                "cache_peak_bytes": hist.cache_peak}
+                "cache_peak_bytes": hist.cache_peak, "gemm_flops": hist.gemm_flops, "lap_seconds": hist.lap_seconds,
+                "matching_seconds": hist.seconds}
     rows = [{"group": g.name, "size": g.size, "moved": moved[g.name]} for g in arch.spec.groups]
     if len(arch.checkpoints) > 1:  # how far B's first member of each group is from A's, before and after
         from permgraph.pipeline import permuted

@@ -29,6 +29,7 @@ LAP runs on the host, on a float64 copy of ``-S_g``.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -163,7 +164,7 @@ class _Budget:
     """What weight matching keeps from visit to visit, within ``max_bytes``.
 
     Entries are similarity matrices (costly: a GEMM per member to rebuild) and *cheap* ones
-    (B's or A's tensors in the compute dtype, A's member matrices: a copy to rebuild). When
+    (A's member matrices in the compute dtype: a gather to rebuild). When
     the total passes the budget, cheap entries go first, then similarities, least recently
     used first. An entry that is a view of a caller's tensor costs nothing.
     """
@@ -217,28 +218,29 @@ def _cost(t: torch.Tensor, owner: torch.Tensor | None) -> int:
 
 class _Weights:
     """One model's member tensors, read from its state_dict (possibly lazily, e.g. from a
-    memory-mapped checkpoint) in the compute dtype on the compute device, one tensor at a
-    time; kept within the budget as cheap entries."""
+    memory-mapped checkpoint) one at a time. Gathers run on the stored tensor in its stored
+    dtype (exact), and only the gathered piece is converted to the compute dtype and moved to
+    the compute device, so a tensor is never copied whole in a wider dtype."""
 
-    def __init__(self, state: Mapping[str, torch.Tensor], dtypes: Mapping[str, torch.dtype], device: torch.device,
-                 budget: _Budget, tag: str) -> None:
+    def __init__(self, state: Mapping[str, torch.Tensor], dtypes: Mapping[str, torch.dtype], device: torch.device) -> None:
         self.state = state
         self.dtypes = dtypes
         self.device = device
-        self.budget = budget
-        self.tag = tag
 
-    def get(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The tensor in the compute dtype, and the caller's tensor it came from."""
-        src = self.state[key].detach()
-        hit = self.budget.get((self.tag, key), cheap=True)
-        if hit is None:
-            hit = src.to(device=self.device, dtype=self.dtypes[key])
-            self.budget.put((self.tag, key), hit, _cost(hit, src), cheap=True)
-        return hit, src
+    def raw(self, key: str) -> torch.Tensor:
+        return self.state[key].detach()
+
+    def compute(self, key: str, t: torch.Tensor) -> torch.Tensor:
+        """A piece of ``key``'s tensor in the compute dtype on the compute device."""
+        return t.to(device=self.device, dtype=self.dtypes[key])
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        return self.get(key)[0]
+        return self.compute(key, self.raw(key))
+
+
+#: Member matrices larger than this many elements are multiplied in pieces along another
+#: axis (so that a vocabulary-sized embedding never exists whole in float32).
+CHUNK = 1 << 22
 
 
 class _Problem:
@@ -263,8 +265,8 @@ class _Problem:
         for key in self.keys:
             ta, tb = state_a[key], state_b[key]
             dtypes[key] = dtype or torch.promote_types(torch.promote_types(ta.dtype, tb.dtype), torch.float32)
-        self.a = _Weights(state_a, dtypes, self.device, self.budget, "a")
-        self.b = _Weights(state_b, dtypes, self.device, self.budget, "b")
+        self.a = _Weights(state_a, dtypes, self.device)
+        self.b = _Weights(state_b, dtypes, self.device)
         n_groups = len(spec.groups)
         self.members: list[list[_Member]] = [[] for _ in range(n_groups)]
         self.nests: list[list[_Nest]] = [[] for _ in range(n_groups)]
@@ -327,23 +329,64 @@ class _Problem:
         return {axis: compose_index(shape[axis], [(pos, perm[g2]) for g2, pos in parts]) for axis, parts in others.items()}
 
     def _b_matrix(self, key: str, axis: int, lay: LayoutInfo, idx: Index,
-                  select: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
-        """B's ``(n, rest)`` matrix of a member on ``key[axis]``: every other axis gathered by
-        ``idx``; with ``select = (axis, index)``, that axis is gathered by ``index`` instead
-        (first, as it usually keeps few positions)."""
+                  select: tuple[int, torch.Tensor] | None = None, piece: tuple[int, int, int] | None = None) -> torch.Tensor:
+        """B's ``(n, rest)`` matrix of a member on ``key[axis]`` in the compute dtype: every
+        other axis gathered by ``idx``; with ``select = (axis, index)``, that axis is gathered
+        by ``index`` instead (first, as it usually keeps few positions); with ``piece = (c,
+        start, stop)``, only positions ``start:stop`` of axis ``c`` (after its gather)."""
+        t = self.b.raw(key)
         gathers = [(ax, ix) for ax, ix in idx.items() if ax != axis and (select is None or ax != select[0])]
         if select is not None:
             gathers.insert(0, select)
-        return gather_units(self.b[key], axis, lay, idx.get(axis), gathers)
+        if piece is not None:
+            c, lo, hi = piece
+            ix = next((ix for ax, ix in gathers if ax == c), None)
+            gathers = [(ax, x) for ax, x in gathers if ax != c]
+            if ix is None:
+                t = t.narrow(c, lo, hi - lo)
+            else:
+                gathers.insert(0, (c, ix[lo:hi]))
+        return self.b.compute(key, gather_units(t, axis, lay, idx.get(axis), gathers))
 
-    def _a_matrix(self, key: str, axis: int, lay: LayoutInfo, tag: int) -> torch.Tensor:
-        """A's ``(n, rest)`` matrix of a member (kept as a cheap entry)."""
-        hit = self.budget.get(("A", tag), cheap=True)
+    def _a_matrix(self, key: str, axis: int, lay: LayoutInfo, tag: int | None,
+                  piece: tuple[int, int, int] | None = None) -> torch.Tensor:
+        """A's ``(n, rest)`` matrix of a member in the compute dtype (kept as a cheap entry
+        under ``tag``; a piece, as in `_b_matrix`, is not kept)."""
+        hit = None if tag is None or piece is not None else self.budget.get(("A", tag), cheap=True)
         if hit is None:
-            a, src = self.a.get(key)
-            hit = gather_units(a, axis, lay)
-            self.budget.put(("A", tag), hit, _cost(hit, src), cheap=True)
+            src = self.a.raw(key)
+            t = src if piece is None else src.narrow(piece[0], piece[1], piece[2] - piece[1])
+            hit = self.a.compute(key, gather_units(t, axis, lay))
+            if tag is not None and piece is None:
+                self.budget.put(("A", tag), hit, _cost(hit, src), cheap=True)
         return hit
+
+    def _pieces(self, key: str, axis: int) -> list[tuple[int, int, int] | None]:
+        """How to split a member's product: ``[None]`` (whole) for a small tensor, else
+        ranges of its largest other axis holding about `CHUNK` elements each."""
+        shape = self.shapes[key]
+        total = math.prod(shape)
+        others = [d for d in range(len(shape)) if d != axis]
+        if total <= CHUNK or not others:
+            return [None]
+        c = max(others, key=lambda d: shape[d])
+        step = max(1, CHUNK * shape[c] // total)
+        return [(c, lo, min(lo + step, shape[c])) for lo in range(0, shape[c], step)]
+
+    def _product(self, s: list[torch.Tensor | None], mem: _Member, idx: Index, old: Index | None,
+                 hist: WeightMatchingHistory) -> None:
+        """``S += A_m · (B_m(idx) - B_m(old))ᵀ`` (without the second term when ``old`` is
+        None), piece by piece for a large member."""
+        n = self.sizes[mem.gi]
+        pieces = self._pieces(mem.key, mem.axis)
+        for piece in pieces:
+            a = self._a_matrix(mem.key, mem.axis, mem.lay, id(mem) if len(pieces) == 1 else None, piece)
+            b = self._b_matrix(mem.key, mem.axis, mem.lay, idx, piece=piece)
+            if old is not None:  # (out of place: with nothing to gather, B's matrix is a view of B)
+                b = b - self._b_matrix(mem.key, mem.axis, mem.lay, old, piece=piece)
+            self._add(s, mem.bucket, a, b)
+            hist.gemm_flops += 2 * n * n * a.shape[1]
+            del a, b
 
     @staticmethod
     def _add(s: list[torch.Tensor | None], bucket: int, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -374,7 +417,7 @@ class _Problem:
                 continue  # no other group touches it: counted once, for good
             idx = self._indices(mem.key, mem.others, perm)
             if mem.used is None:
-                a, b = self._a_matrix(mem.key, mem.axis, mem.lay, id(mem)), self._b_matrix(mem.key, mem.axis, mem.lay, idx)
+                self._product(s, mem, idx, None, hist)
                 hist.products += 1
             else:
                 changed = [ax for ax in idx if not _same(idx[ax], mem.used.get(ax))]
@@ -388,18 +431,16 @@ class _Problem:
                     new = torch.arange(n_axis) if new is None else new
                     old = torch.arange(n_axis) if old is None else old
                     moved = (new != old).nonzero().squeeze(1)
-                    a = gather_units(self.a[mem.key], mem.axis, mem.lay, gathers=[(axis, moved)])
+                    a = self.a.compute(mem.key, gather_units(self.a.raw(mem.key), mem.axis, mem.lay, gathers=[(axis, moved)]))
                     b = self._b_matrix(mem.key, mem.axis, mem.lay, idx, select=(axis, new[moved]))
                     b -= self._b_matrix(mem.key, mem.axis, mem.lay, idx, select=(axis, old[moved]))
+                    self._add(s, mem.bucket, a, b)
+                    hist.gemm_flops += 2 * n * n * a.shape[1]
+                    del a, b  # before the next member's are made
                     hist.updates += 1
                 else:
-                    a = self._a_matrix(mem.key, mem.axis, mem.lay, id(mem))
-                    # (out of place: with nothing to gather, B's matrix is a view of B)
-                    b = self._b_matrix(mem.key, mem.axis, mem.lay, idx) - self._b_matrix(mem.key, mem.axis, mem.lay, mem.used)
+                    self._product(s, mem, idx, mem.used, hist)
                     hist.products += 1
-            self._add(s, mem.bucket, a, b)
-            hist.gemm_flops += 2 * n * n * a.shape[1]
-            del a, b  # before the next member's are made
             mem.used = idx
         self.budget.put(("S", gi), s, sum(t.untyped_storage().nbytes() for t in s if t is not None), cheap=False)
         return s
@@ -439,13 +480,22 @@ class _Problem:
 
     # -- objective -----------------------------------------------------------------------
     def tensor_objective(self, key: str, perm: list[torch.Tensor]) -> float:
-        """``<A_T, P(B_T)>`` for one tensor."""
-        t = self.b[key]
-        for axis, parts in self.on_axis[key].items():
-            index = compose_index(self.shapes[key][axis], [(pos, perm[g]) for g, pos in parts])
-            assert index is not None
-            t = t.index_select(axis, index.to(t.device))
-        return float(torch.vdot(self.a[key].reshape(-1), t.reshape(-1)))
+        """``<A_T, P(B_T)>`` for one tensor (in pieces along its first axis when large)."""
+        shape = self.shapes[key]
+        index = {axis: compose_index(shape[axis], [(pos, perm[g]) for g, pos in parts])
+                 for axis, parts in self.on_axis[key].items()}
+        ta, tb = self.a.raw(key), self.b.raw(key)
+        step = max(1, CHUNK * shape[0] // max(math.prod(shape), 1))
+        total = 0.0
+        for lo in range(0, shape[0], step):
+            hi = min(lo + step, shape[0])
+            a = ta.narrow(0, lo, hi - lo)
+            b = tb.index_select(0, index[0][lo:hi].to(tb.device)) if 0 in index else tb.narrow(0, lo, hi - lo)
+            for axis, ix in index.items():
+                if axis:
+                    b = b.index_select(axis, ix.to(b.device))
+            total += float(torch.vdot(self.a.compute(key, a).reshape(-1), self.b.compute(key, b).reshape(-1)))
+        return total
 
 
 def _same(x: torch.Tensor | None, y: torch.Tensor | None) -> bool:
