@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from permgraph.errors import PermGraphError, SpecMismatchError
-from permgraph.io import STATE_DICT_FORMAT, FileError, FileFormatError
+from permgraph.io import FileError, FileFormatError
 
 __all__ = ["Checkpoint", "open_checkpoint", "build_model", "example_inputs", "tied_aliases", "write_checkpoint",
            "parse_size", "return_freed_memory"]
@@ -321,9 +321,9 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     for i, f in enumerate(files):
         if f.suffix == ".safetensors":
             h, shapes, dtypes, metadata = _open_safetensors(f)
-            if metadata.get("format") == STATE_DICT_FORMAT:  # permgraph's own file: tied keys listed
-                with contextlib.suppress(json.JSONDecodeError, TypeError, AttributeError):
-                    ck.aliases.update(json.loads(metadata.get("permgraph", "{}")).get("aliases") or {})
+            if "permgraph" in metadata:  # permgraph's own files list the tied keys they store once
+                with contextlib.suppress(json.JSONDecodeError, TypeError, AttributeError, ValueError):
+                    ck.aliases.update(json.loads(metadata["permgraph"]).get("aliases") or {})
         else:
             h = _open_torch(f)
             shapes = {k: tuple(v.shape) for k, v in h.items()}

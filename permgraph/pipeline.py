@@ -111,11 +111,14 @@ def permuted(spec: PermSpec, perm: Mapping[str, torch.Tensor], state: Mapping[st
     return produce
 
 
-def _metadata(arch: Architecture, **inputs: Any) -> dict[str, Any]:
+def _metadata(arch: Architecture, ck: Checkpoint, **inputs: Any) -> dict[str, Any]:
+    """What each output file records: versions, the spec, the inputs, and the tied keys it
+    stores once (so that `open_checkpoint` gives them back)."""
     from permgraph import __version__
 
     return {"permgraph_version": __version__, "spec_fingerprint": arch.spec.fingerprint(),
-            "inputs": {k: (str(v) if isinstance(v, Path) else v) for k, v in inputs.items()}}
+            "inputs": {k: (str(v) if isinstance(v, Path) else v) for k, v in inputs.items()},
+            "aliases": {k: v for k, v in ck.aliases.items() if k in arch.spec.shapes}}
 
 
 def _match(arch: Architecture, method: str, *, seed: int, max_memory: int | None, device: Any, dtype: Any,
@@ -177,7 +180,7 @@ def align_checkpoints(
     b = arch.checkpoints[1]
     write_checkpoint(out, arch.entries(b), permuted(arch.spec, perm, b), like=b, overwrite=overwrite,
                      max_shard_size=max_shard_size, progress=progress,
-                     metadata=_metadata(arch, operation="align", a=arch.checkpoints[0].path, b=b.path, method=method))
+                     metadata=_metadata(arch, b, operation="align", a=arch.checkpoints[0].path, b=b.path, method=method))
     if perm_out is not None:
         save_permutation(perm_out, arch.spec, perm)
     return perm, hist
@@ -233,7 +236,7 @@ def merge_checkpoints(
             return corrected[key].detach().to(ref[key])
 
     write_checkpoint(out, arch.entries(a), produce, like=a, overwrite=overwrite, max_shard_size=max_shard_size,
-                     progress=progress, metadata=_metadata(arch, operation="merge", a=a.path, b=b.path, method=method,
+                     progress=progress, metadata=_metadata(arch, a, operation="merge", a=a.path, b=b.path, method=method,
                                                            alpha=alpha))
     return dict(perm), hist
 
@@ -253,4 +256,4 @@ def apply_to_checkpoint(
     ck = arch.checkpoints[0] if checkpoint is None else checkpoint
     return write_checkpoint(out, arch.entries(ck), permuted(arch.spec, perm, ck), like=ck, overwrite=overwrite,
                             max_shard_size=max_shard_size, progress=progress,
-                            metadata=_metadata(arch, operation="apply", checkpoint=ck.path))
+                            metadata=_metadata(arch, ck, operation="apply", checkpoint=ck.path))

@@ -226,7 +226,8 @@ def test_cli_inspect_align_merge_apply_on_folders(tmp_path: Path, llama, capsys)
     report = json.loads(capsys.readouterr().out)
     assert report["aligned"] == str(out) and report["sweeps"] >= 1
     ca, co = open_checkpoint(a), open_checkpoint(out)
-    assert sorted(ca) == sorted(co) and all(torch.equal(ca[k], co[k]) for k in ca)
+    assert sorted(ca.stored_keys) == sorted(co.stored_keys) and all(torch.equal(ca[k], co[k]) for k in ca)
+    assert set(co.aliases) == ({"lm_head.weight"} if "lm_head.weight" not in ca else set())  # tied keys recorded
     arch = architecture([a])
     spec, ca = arch.spec, arch.checkpoints[0]  # tied keys aliased
     found = load_permutation(tmp_path / "p.safetensors", spec)
