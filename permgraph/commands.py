@@ -14,7 +14,14 @@ import torch
 
 from permgraph.cli import load_model, make_input, pairs
 from permgraph.errors import PermGraphError, TraceError
-from permgraph.pipeline import Architecture, align_checkpoints, apply_to_checkpoint, architecture, merge_checkpoints
+from permgraph.pipeline import (
+    Architecture,
+    align_checkpoints,
+    apply_to_checkpoint,
+    architecture,
+    match_checkpoints,
+    merge_checkpoints,
+)
 
 __all__ = ["inspect", "align", "merge", "apply", "barrier", "export", "demo"]
 
@@ -240,23 +247,16 @@ def _correction(args: argparse.Namespace, arch: Architecture, x: torch.Tensor | 
 def merge(args: argparse.Namespace) -> int:
     """``permgraph merge A B --out OUT``: ``(1 - alpha) A + alpha P(B)``, streamed."""
     from permgraph.io import load_permutation, save_permutation
-    from permgraph.match.weight import weight_matching
 
     x = _data(args.data)[0] if args.data else None
     arch = _arch(args, [args.a, args.b], x)
     t0 = time.perf_counter()
-    opts = _match_options(args)
     hist = None
     if args.perm:
         perm = load_permutation(args.perm, arch.spec)
-    elif args.method == "weight":
-        perm, hist = weight_matching(arch.spec, *arch.checkpoints[:2], progress=not args.quiet,
-                                     return_history=True, **opts)
     else:
-        from permgraph.match import activation_matching
-
-        act = _activation_inputs(args, arch, x)
-        perm = activation_matching(arch.spec, *act["load_models"](), act["batches"], progress=not args.quiet)
+        perm, hist = match_checkpoints(arch, method=args.method, progress=not args.quiet, **_match_options(args),
+                                       **_activation_inputs(args, arch, x))
     merge_checkpoints(arch, args.out, alpha=args.alpha, method=args.method, perm=perm,
                       correct=_correction(args, arch, x, perm), **_write_options(args))
     if args.perm_out:
@@ -285,14 +285,12 @@ def apply(args: argparse.Namespace) -> int:
 def export(args: argparse.Namespace) -> int:
     """``permgraph export A B --perm-out FILE``: the weight-matching permutation only."""
     from permgraph.io import save_permutation
-    from permgraph.match import weight_matching
 
     x = _data(args.data)[0] if args.data else None
     arch = _arch(args, [args.a, args.b], x)
     t0 = time.perf_counter()
     args.method = "weight"
-    perm, hist = weight_matching(arch.spec, *arch.checkpoints[:2], progress=not args.quiet, return_history=True,
-                                 **_match_options(args))
+    perm, hist = match_checkpoints(arch, progress=not args.quiet, **_match_options(args))
     path = save_permutation(args.perm_out, arch.spec, perm)
     if args.aligned:
         apply_to_checkpoint(arch, perm, args.aligned, checkpoint=arch.checkpoints[1], progress=not args.quiet)

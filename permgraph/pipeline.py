@@ -26,7 +26,8 @@ from permgraph.errors import PermGraphError
 from permgraph.match.weight import DEFAULT_MAX_MEMORY
 from permgraph.spec import PermSpec
 
-__all__ = ["Architecture", "architecture", "align_checkpoints", "merge_checkpoints", "apply_to_checkpoint", "permuted"]
+__all__ = ["Architecture", "architecture", "match_checkpoints", "align_checkpoints", "merge_checkpoints",
+           "apply_to_checkpoint", "permuted"]
 
 
 @dataclass
@@ -121,17 +122,37 @@ def _metadata(arch: Architecture, ck: Checkpoint, **inputs: Any) -> dict[str, An
             "aliases": {k: v for k, v in ck.aliases.items() if k in arch.spec.shapes}}
 
 
-def _match(arch: Architecture, method: str, *, seed: int, max_memory: int | None, device: Any, dtype: Any,
-           batches: Iterable[Any] | None, progress: bool, load_models: Callable[[], tuple[Any, Any]] | None,
-           perm_file: str | os.PathLike | None = None) -> tuple[dict[str, torch.Tensor], Any]:
+def match_checkpoints(
+    arch: Architecture,
+    *,
+    method: str = "weight",
+    seed: int = 0,
+    max_memory: int | None = DEFAULT_MAX_MEMORY,
+    device: Any = None,
+    dtype: Any = None,
+    batches: Iterable[Any] | None = None,
+    load_models: Callable[[], tuple[Any, Any]] | None = None,
+    progress: bool = False,
+) -> tuple[dict[str, torch.Tensor], Any]:
+    """The permutation aligning checkpoint B (``arch.checkpoints[1]``) to A.
+
+    Args:
+        arch: from `architecture` over ``[A, B]``.
+        method: ``"weight"``: weight matching, streamed from the files within ``max_memory``
+            (``seed``, ``device``, ``dtype`` as for `permgraph.match.weight_matching`);
+            ``"activation"``: activation matching of the models ``load_models()`` returns, on
+            ``batches``.
+        progress: show progress bars.
+
+    Returns:
+        ``(perm, history)``: the history of weight matching, None for activation matching.
+
+    Raises:
+        PermGraphError: an unknown method, or activation matching without data.
+    """
     from permgraph.match import activation_matching, weight_matching
 
-    spec = arch.spec
-    a, b = arch.checkpoints[0], arch.checkpoints[1]
-    if perm_file is not None:
-        from permgraph.io import load_permutation
-
-        return load_permutation(perm_file, spec), None
+    spec, a, b = arch.spec, arch.checkpoints[0], arch.checkpoints[1]
     if method == "weight":
         return weight_matching(spec, a, b, seed=seed, max_memory=max_memory, device=device, dtype=dtype,
                                progress=progress, return_history=True)
@@ -164,10 +185,9 @@ def align_checkpoints(
     Args:
         arch: from `architecture` over ``[A, B]``.
         out: the output folder (or ``.safetensors`` file).
-        method: ``"weight"`` (streamed) or ``"activation"`` (runs both models on ``batches``,
-            which ``load_models`` loads).
+        method, seed, max_memory, device, dtype, batches, load_models: as for
+            `match_checkpoints`.
         perm_out: also write the permutation file here.
-        seed, max_memory, device, dtype: as for `permgraph.match.weight_matching`.
         overwrite, max_shard_size, progress: as for `permgraph.checkpoint.write_checkpoint`.
 
     Returns:
@@ -175,8 +195,8 @@ def align_checkpoints(
     """
     from permgraph.io import save_permutation
 
-    perm, hist = _match(arch, method, seed=seed, max_memory=max_memory, device=device, dtype=dtype, batches=batches,
-                        progress=progress, load_models=load_models)
+    perm, hist = match_checkpoints(arch, method=method, seed=seed, max_memory=max_memory, device=device, dtype=dtype,
+                                   batches=batches, load_models=load_models, progress=progress)
     b = arch.checkpoints[1]
     write_checkpoint(out, arch.entries(b), permuted(arch.spec, perm, b), like=b, overwrite=overwrite,
                      max_shard_size=max_shard_size, progress=progress,
@@ -217,7 +237,8 @@ def merge_checkpoints(
     from permgraph.merge import interpolate
 
     if perm is None:
-        perm, hist = _match(arch, method, seed=seed, max_memory=max_memory, device=device, dtype=dtype, batches=batches, progress=progress, load_models=load_models)
+        perm, hist = match_checkpoints(arch, method=method, seed=seed, max_memory=max_memory, device=device,
+                                       dtype=dtype, batches=batches, load_models=load_models, progress=progress)
     else:
         arch.spec.check_permutation(perm)
         hist = None
