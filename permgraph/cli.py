@@ -156,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--members", type=int, default=4, help="members shown per group (default 4)")
     ins.add_argument("--verify", action="store_true", help="also run the oracle (random permutation, compare outputs)")
     ins.add_argument("--strict", action="store_true", help="fail if any op has no rule")
+    ins.add_argument("--draw", metavar="FILE", default=None,
+                     help="also draw the graph coloured by group: FILE.svg, .png, .pdf or .dot (images need Graphviz)")
+    ins.add_argument("--module", metavar="PREFIX", default=None, help="with --draw: only this module, e.g. layer2")
+    ins.add_argument("--depth", type=int, default=None, help="with --draw: one node per module down to this depth")
+    ins.add_argument("--fold", action="store_true", help="with --draw: runs of identical blocks drawn once")
     ins.set_defaults(func=commands.inspect)
 
     ali = sub.add_parser("align", parents=[par["arch"], par["match"], par["run"], par["write"]],

@@ -163,6 +163,12 @@ def inspect(args: argparse.Namespace) -> int:
     """``permgraph inspect TARGET``: the groups of MODULE:CALLABLE, a folder or a checkpoint file."""
     from permgraph.analysis import infer
 
+    if args.draw:
+        from permgraph.draw import check_path
+
+        check_path(args.draw)  # a bad suffix fails before the model is built and traced
+    elif args.module is not None or args.depth is not None or args.fold:
+        raise PermGraphError("--module, --depth and --fold shape the drawing: add --draw FILE.svg|.png|.dot")
     t0 = time.perf_counter()
     target = args.target
     extra: dict[str, Any] = {}
@@ -196,11 +202,16 @@ def inspect(args: argparse.Namespace) -> int:
         out = spec.to_dict() | {"model": target, "seconds": round(seconds, 3), "trace": spec.traced.method} | extra
         json.dump(out, sys.stdout, indent=1)
         print()
-        return 0
-    print(f"{title}; {seconds:.2f} s in all")
-    print(spec.table(max_members=args.members))
-    if "verify_error" in extra:
-        print(f"verify: a random permutation of every group changes the outputs by {extra['verify_error']:.2e} (relative)")
+    else:
+        print(f"{title}; {seconds:.2f} s in all")
+        print(spec.table(max_members=args.members))
+        if "verify_error" in extra:
+            print(f"verify: a random permutation of every group changes the outputs by {extra['verify_error']:.2e} (relative)")
+    if args.draw:
+        from permgraph.draw import draw
+
+        written = draw(spec, module=args.module, depth=args.depth, fold=args.fold).save(args.draw)
+        print(f"drawing: {written}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
