@@ -48,6 +48,8 @@ __all__ = [
     "BUCKET_BYTES",
     "resolve_group",
     "rank_and_size",
+    "init_from_env",
+    "is_main_process",
     "digest",
     "state_digest",
     "agree",
@@ -150,6 +152,59 @@ def rank_and_size(group: Any) -> tuple[int, int]:
     if group is None:
         return 0, 1
     return torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
+
+
+def init_from_env(backend: str | None = None, *, timeout: float | timedelta | None = None) -> bool:
+    """Initialise ``torch.distributed`` from the environment ``torchrun`` sets, if it is set.
+
+    Args:
+        backend: ``"gloo"`` or ``"nccl"``; default NCCL when CUDA is available (each rank
+            then uses the GPU ``LOCAL_RANK``), else gloo.
+        timeout: the process group's timeout (default ``DEFAULT_TIMEOUT``).
+
+    Returns:
+        Whether this process now runs as one rank of several (``False``: no ``torchrun``
+        environment, or a single rank; nothing was initialised).
+
+    Raises:
+        DistributedError: ``torch.distributed`` is not available in this build of torch.
+
+    Examples:
+        >>> from permgraph.distributed import init_from_env
+        >>> init_from_env()  # not under torchrun
+        False
+    """
+    import os
+
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size() > 1
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        world = 1
+    if world <= 1 or "MASTER_ADDR" not in os.environ:
+        return False
+    if not dist.is_available():
+        raise DistributedError("WORLD_SIZE is set but this build of torch has no torch.distributed")
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if "nccl" in backend and torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=_seconds(timeout))
+    return True
+
+
+def is_main_process(process_group: Any = None) -> bool:
+    """Whether this process is rank 0 of ``process_group`` (or not distributed at all):
+    the one that writes files and prints reports.
+
+    Examples:
+        >>> from permgraph.distributed import is_main_process
+        >>> is_main_process()
+        True
+    """
+    return rank_and_size(resolve_group(process_group))[0] == 0
 
 
 def _seconds(timeout: float | timedelta | None) -> timedelta:
