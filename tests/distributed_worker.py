@@ -7,6 +7,10 @@ the scenario and writes what it got (results, or the class and message of the er
 raised) to ``OUT_DIR/rank{r}.pt``. The test compares the ranks with each other and with one
 process on all the batches.
 
+The environment can move the models: ``PERMGRAPH_WORKER_DEVICE=cuda`` puts rank ``r``'s
+models on GPU ``r % device_count`` (`tests/test_cuda.py`), and ``PERMGRAPH_WORKER_BACKEND``
+picks the process group's backend (default gloo).
+
 Scenarios:
     agree: activation matching, similarities, REPAIR and BatchNorm reset, every rank with
         the same models.
@@ -45,10 +49,13 @@ def mlp(widths: tuple[int, ...], bn: bool = False) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+DEVICE = torch.device("cpu")
+
+
 def build(state: dict[str, torch.Tensor], widths: tuple[int, ...], bn: bool = False) -> nn.Module:
     model = mlp(widths, bn)
     model.load_state_dict(state)
-    return model.eval()
+    return model.eval().to(DEVICE)
 
 
 def shard(batches: list[Any], rank: int, world: int) -> list[Any]:
@@ -88,11 +95,13 @@ def agree(case: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
     merged = build(interpolate(a.state_dict(), b_aligned.state_dict(), 0.5), widths)
     report = repair(a, b_aligned, merged, batches, spec, 0.5, timeout=TIMEOUT)
     out["repair"] = {k: v.clone() for k, v in merged.state_dict().items()}
+    out["repair_device"] = str(next(merged.parameters()).device)
     out["repair_batches"] = report.batches
     # BatchNorm reset of the BN MLP
     bn = build(case["bn"], widths, bn=True)
     out["bn_layers"] = reset_batchnorm(bn, batches, timeout=TIMEOUT)
     out["bn"] = {k: v.clone() for k, v in bn.state_dict().items()}
+    out["bn_device"] = str(bn[1].running_mean.device)
     # one rank with no batch at all still takes part
     out["perm_uneven"] = activation_matching(spec, a, b, case["batches"] if rank == 0 else [], timeout=TIMEOUT)
     return out
@@ -137,9 +146,13 @@ def disagree(case: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
 
 def main() -> None:
     scenario, case_file, out_dir = sys.argv[1:4]
+    global DEVICE
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    dist.init_process_group(os.environ.get("PERMGRAPH_WORKER_BACKEND", "gloo"))
     rank, world = dist.get_rank(), dist.get_world_size()
+    if os.environ.get("PERMGRAPH_WORKER_DEVICE", "cpu") == "cuda":
+        DEVICE = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(DEVICE)
     case = torch.load(case_file, weights_only=False)
     out = {"agree": agree, "disagree": disagree}[scenario](case, rank, world)
     out["rank"], out["world"] = rank, world
