@@ -675,6 +675,12 @@ def activation_matching(
     stats, sizes = _accumulate(spec, model_a, model_b, batches, method, progress, inputs=inputs,
                                process_group=process_group, timeout=timeout, options={"lap": lap},
                                precheck=lambda: _lap._pick(2, lap))
+    return _solve(spec, stats, sizes, method, lap)
+
+
+def _solve(spec: PermSpec, stats: Mapping[tuple[str, ...], ActivationStats], sizes: Mapping[str, int],
+           method: str, lap: str) -> dict[str, torch.Tensor]:
+    """The LAPs of :func:`activation_matching` on accumulated statistics."""
     sims = {k: s.similarity(method) for k, s in stats.items()}
     perm = {g.name: torch.arange(g.size) for g in spec.groups}
     total: dict[str, torch.Tensor] = {}
