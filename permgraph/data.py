@@ -128,7 +128,8 @@ class BatchShardSampler(Sampler[list[int]]):
     Args:
         n: the dataset's length.
         batch_size: samples per batch.
-        rank, world: this rank and the number of ranks (default: from ``torch.distributed``).
+        rank: this rank (default: from ``torch.distributed``, else 0).
+        world: the number of ranks (default: from ``torch.distributed``, else 1).
 
     Examples:
         >>> from permgraph.data import BatchShardSampler
@@ -160,7 +161,8 @@ class Batches:
 
     Attributes:
         source: what is iterated (a DataLoader, a list, ...).
-        rank, world: the share read.
+        rank: this rank.
+        world: the number of ranks.
         skip: whether ``source`` yields every batch and this rank keeps batch ``i`` when
             ``i % world == rank`` (otherwise ``source`` yields this rank's batches only).
     """
