@@ -191,6 +191,7 @@ class _Cluster:
     title: str
     subtitle: str
     members: list[str] = field(default_factory=list)
+    module: str = ""  # the module path it runs in ("" for the root's functional ops)
 
 
 class _UF:
@@ -387,6 +388,20 @@ def _attrs(**kw: Any) -> str:
 @dataclass(frozen=True)
 class _Html:
     text: str
+
+
+def _pad(label: str) -> str:
+    """Edge labels sit against their edge: a leading space keeps the first letter off the line."""
+    return "\n".join("  " + line for line in label.split("\n"))
+
+
+def _relative(path: str, region: str | None) -> str:
+    """A module path as drawn inside a region: relative to it (the region itself by its last name)."""
+    if region is None or not path:
+        return path
+    if path == region:
+        return region.rsplit(".", 1)[-1]
+    return path[len(region) + 1:] if path.startswith(region + ".") else path
 
 
 def _strip_where(reason: str) -> str:
@@ -615,7 +630,8 @@ def _render(spec: PermSpec, view: _GraphView, region: list[str], module: str | N
         if nodes[0] in folded:
             fid, count, title = folded[nodes[0]]
             first = title.split("\0")[1]
-            c = clusters.setdefault(fid, _Cluster(fid, "fold", title.split("\0")[0], f"{count} blocks like {first}"))
+            c = clusters.setdefault(fid, _Cluster(fid, "fold", title.split("\0")[0], f"{count} blocks like {first}",
+                                                  module=title.split("\0")[0]))
             c.members += nodes
             for n in nodes:
                 owner[n] = fid
@@ -629,8 +645,9 @@ def _render(spec: PermSpec, view: _GraphView, region: list[str], module: str | N
         elif same and mpath:
             c = _Cluster(rep, "ops", mpath, opsum or view.nodes[nodes[0]].op)
         else:  # functional ops of the root module (or of several modules)
-            c = _Cluster(rep, "ops", opsum or view.nodes[nodes[0]].op, "")
+            c = _Cluster(rep, "ops", opsum or view.nodes[nodes[0]].op, "", module=mpath if same else "")
         c.members = list(nodes)
+        c.module = c.module or (c.title if c.kind != "ops" or c.subtitle else "")
         clusters[rep] = c
         for n in nodes:
             owner[n] = rep
@@ -716,7 +733,7 @@ def _render(spec: PermSpec, view: _GraphView, region: list[str], module: str | N
             label = "\n".join(label_parts[:max_groups]) + (f"\n+{more} more" if more > 0 else "")
             colour = ":".join(colours.get(g, _FIXED) for g in gs[:max_groups])
             edge_lines.append(f"  {nid(src)} -> {nid(dst)} " + _attrs(
-                label=label, color=colour, fontcolor=colours.get(gs[0], "#000000"), penwidth=2.2,
+                label=_pad(label), color=colour, fontcolor=colours.get(gs[0], "#000000"), penwidth=2.2,
                 tooltip="\n".join(tip), pg_kind="grouped", pg_groups=json.dumps(gs), pg_tensor=tensor))
         else:
             found: list[tuple[int, str]] = []
@@ -733,7 +750,7 @@ def _render(spec: PermSpec, view: _GraphView, region: list[str], module: str | N
                 short = reasons[0] if len(reasons[0]) <= 40 else reasons[0][:38] + "…"
                 label = f"fixed: {short}" + (f" (+{len(reasons) - 1})" if len(reasons) > 1 else "")
                 edge_lines.append(f"  {nid(src)} -> {nid(dst)} " + _attrs(
-                    label=label, color=_FIXED, fontcolor="#666666", style="dashed", penwidth=1.2,
+                    label=_pad(label), color=_FIXED, fontcolor="#666666", style="dashed", penwidth=1.2,
                     tooltip="\n".join(tip), pg_kind="blocked", pg_groups="[]", pg_reasons=json.dumps(reasons),
                     pg_tensor=tensor))
             else:
@@ -744,7 +761,11 @@ def _render(spec: PermSpec, view: _GraphView, region: list[str], module: str | N
     # -- nodes
     node_lines: list[str] = []
     inside_all: set[str] = set()
+    in_folds: set[str] = set()
+    connected = {stubs[e][0] if e in stubs else e for src, dst, _ in edges for e in (src, dst)}
     for cid, c in clusters.items():
+        if edges and cid not in connected:
+            continue  # dead code (a value nothing uses): nothing to see
         keys: list[str] = []
         inner: list[str] = []
         opcount = Counter(view.nodes[n].op for n in c.members)
@@ -759,7 +780,9 @@ def _render(spec: PermSpec, view: _GraphView, region: list[str], module: str | N
                         inner += t.groups
         inside = [g for g in dict.fromkeys(inner) if g not in boundary.get(cid, set())]
         inside_all.update(inside)
-        title = c.title
+        if c.kind == "fold":
+            in_folds.update(inside)
+        title = _relative(c.title, module) if c.kind != "ops" or c.subtitle else c.title
         rows = [f"<B>{_h(title)}</B>"]
         if c.subtitle:
             rows.append(f'<FONT POINT-SIZE="9" COLOR="#555555">{_h(c.subtitle)}</FONT>')
@@ -779,13 +802,13 @@ def _render(spec: PermSpec, view: _GraphView, region: list[str], module: str | N
                  "fold": ("box3d", "filled", "#eaeaf4")}[c.kind]
         node_lines.append(f"  {nid(cid)} " + _attrs(
             label=_Html("<BR/>".join(rows)), shape=style[0], style=style[1], fillcolor=style[2],
-            tooltip="\n".join(tip), pg_kind=c.kind, pg_module=c.title, pg_params=json.dumps(keys),
+            tooltip="\n".join(tip), pg_kind=c.kind, pg_module=c.module, pg_params=json.dumps(keys),
             pg_inside=json.dumps(inside)))
     for i in used_inputs:
         x = view.nodes[i]
         shapes = ", ".join(_dims(t.shape) for t in x.tensors)
         node_lines.append(f"  {nid('in:' + i)} " + _attrs(
-            label=_Html(f"<B>input {_h(i)}</B><BR/>{_h(shapes)}"), shape="oval", style="filled",
+            label=_Html(f"<B>{_h('input' if i == 'input' else 'input ' + i)}</B><BR/>{_h(shapes)}"), shape="oval", style="filled",
             fillcolor="#dff0d8", tooltip=f"model input {i}: {shapes}", pg_kind="input"))
     for oid in outputs:
         x = view.nodes[oid[2:]]
@@ -803,6 +826,8 @@ def _render(spec: PermSpec, view: _GraphView, region: list[str], module: str | N
             label=f"⋯ {c.title}", shape="plaintext", fontcolor="#888888",
             tooltip=f"outside {module}: {c.title} ({c.subtitle})", pg_kind="outside"))
 
+    # a region's legend lists the groups it shows; the whole model's lists every group
+    listed = [g for g in groups if module is None or g in drawn_groups or g in inside_all]
     lines.append("digraph permgraph {")
     title = f"{len(spec.groups)} groups, {spec.num_units} units" + (f" (region {module})" if module else "")
     lines.append("  " + "graph " + _attrs(rankdir=rankdir, fontname="Helvetica", fontsize=10, nodesep=0.3,
@@ -813,22 +838,29 @@ def _render(spec: PermSpec, view: _GraphView, region: list[str], module: str | N
     lines += edge_lines
     if legend:
         # the legend is the graph's label: it takes no rank, so it stretches no row of the layout
-        lines.append("  graph " + _attrs(label=_Html(_legend_html(spec, colours, drawn_groups, inside_all, folded)),
-                                         labelloc="t", labeljust="l", pg_legend=json.dumps(list(groups))))
+        lines.append("  graph " + _attrs(label=_Html(_legend_html(spec, listed, colours, drawn_groups, inside_all, in_folds, module)),
+                                         labelloc="t", labeljust="l", pg_legend=json.dumps(listed)))
     lines.append("}")
-    drawing = Drawing("\n".join(lines) + "\n", tuple(groups), len(node_lines), len(edge_lines), module)
+    drawing = Drawing("\n".join(lines) + "\n", tuple(listed), len(node_lines), len(edge_lines), module)
     if path is not None:
         drawing.save(path)
     return drawing
 
 
-def _legend_html(spec: PermSpec, colours: dict[str, str], drawn: set[str], inside: set[str],
-                 folded: dict[str, tuple[str, int, str]]) -> str:
-    rows = [f'<TR><TD COLSPAN="4" ALIGN="LEFT"><B>{len(spec.groups)} groups, {spec.num_units} permutable units</B></TD></TR>']
-    if spec.groups:
+def _legend_html(spec: PermSpec, listed: list[str], colours: dict[str, str], drawn: set[str], inside: set[str],
+                 in_folds: set[str], module: str | None) -> str:
+    head = f"{len(spec.groups)} groups, {spec.num_units} permutable units"
+    if module is not None:
+        head = f"{module}: {len(listed)} of the model's {len(spec.groups)} groups"
+    rows = [f'<TR><TD COLSPAN="4" ALIGN="LEFT"><B>{_h(head)}</B></TD></TR>']
+    if listed:
         rows.append('<TR><TD></TD><TD ALIGN="LEFT"><I>group</I></TD><TD><I>units</I></TD><TD ALIGN="LEFT"><I>tensors</I></TD></TR>')
+    shown = set(listed)
     for g in spec.groups:
-        where = "" if g.name in drawn else (" (inside a node)" if g.name in inside else " (in folded blocks or not drawn)")
+        if g.name not in shown:
+            continue
+        where = ("" if g.name in drawn else " (in folded blocks)" if g.name in in_folds
+                 else " (inside a node)" if g.name in inside else " (not drawn)")
         rows.append(
             f'<TR><TD BGCOLOR="{colours[g.name]}" WIDTH="18"> </TD><TD ALIGN="LEFT">{_h(g.name)}{_h(where)}</TD>'
             f'<TD ALIGN="RIGHT">{g.size}</TD><TD ALIGN="RIGHT">{len(g.members)}</TD></TR>'

@@ -165,12 +165,13 @@ def test_tiny_resnet_edges_carry_their_groups(tiny):
     d = draw(tiny)
     check_content(tiny, d)
     nodes, edges, _ = parse(d)
-    title = {n: a.get("pg_module", a["pg_kind"]) for n, a in nodes.items()}
+    title = {n: a.get("pg_module") or re.sub(r"<[^>]*>", "", a["label"][1:-1]) for n, a in nodes.items()}
     by = {(title[s], title[t]): e for s, t, e in edges}
     assert edge_groups(by[("stem", "bn")]) == ["stem"]
     assert edge_groups(by[("conv1", "relu")]) == ["conv1"]
-    assert edge_groups(by[("conv2", "add · view")]) == ["stem"]  # the residual stream
-    flat = by[("add · view", "head")]
+    (add,) = [t for t in title.values() if t.startswith("add")]  # add, then flatten (or view)
+    assert edge_groups(by[("conv2", add)]) == ["stem"]  # the residual stream
+    flat = by[(add, "head")]
     assert edge_groups(flat) == ["stem"] and "blocks of 16" in flat["label"]  # flatten after the conv
     assert d.num_nodes == len(nodes) and d.num_edges == len(edges)
 
@@ -183,7 +184,7 @@ def test_inputs_outputs_and_blocked_edges_are_marked(tiny):
     (out,) = [e for _, t, e in edges if kinds[t] == "output"]
     for e, reason in ((inp, "model input x"), (out, "model output")):
         assert e["pg_kind"] == "blocked" and e["style"] == "dashed" and edge_groups(e) == []
-        assert reason in e["tooltip"] and e["label"].startswith("fixed")
+        assert reason in e["tooltip"] and e["label"].strip().startswith("fixed")
     assert "model output" in out["label"]  # the widest axis (10 logits) names the reason
     assert "2×3×4×4" in nodes[next(n for n, k in kinds.items() if k == "input")]["label"]
 
@@ -229,6 +230,7 @@ def test_fold_draws_repeated_blocks_once():
     assert folded.num_nodes < full.num_nodes
     titles = {a.get("pg_module") for a in nodes.values()}
     assert {"blocks.0.up", "blocks.5.up"} <= titles and "blocks.2.up" not in titles
+    assert "blocks.2.up (in folded blocks)" in parse(folded)[2]["label"]
 
 
 def test_fold_leaves_distinct_blocks_alone(tiny):
@@ -243,8 +245,12 @@ def test_module_region_and_depth():
     inner = [a["pg_module"] for a in nodes.values() if a["pg_kind"] in ("module", "ops")]
     assert inner and all(m == "blocks.1" or m.startswith("blocks.1.") for m in inner)  # not blocks.10, blocks.11
     assert {a["pg_kind"] for a in nodes.values()} >= {"outside"}
-    check_content_region = [e for _, _, e in edges if e["pg_kind"] == "grouped"]
-    assert check_content_region
+    shown = {g for _, _, e in edges for g in edge_groups(e)} | {
+        g for a in nodes.values() for g in json.loads(a.get("pg_inside", "[]"))}
+    listed = json.loads(parse(d)[2]["pg_legend"])
+    assert set(listed) == shown and list(d.groups) == listed  # a region's legend: the groups it shows
+    assert "blocks.1.up" in listed and "blocks.3.up" not in listed and "inp" in listed  # the residual stream
+    assert "blocks.1: 2 of the model" in parse(d)[2]["label"]
     shallow = parse(draw(spec, depth=1))[0]
     assert {a["pg_module"] for a in shallow.values() if a["pg_kind"] == "module"} == {"inp", "blocks", "out"}
 
