@@ -11,9 +11,12 @@ What crosses the wire, per call: a fixed-size handshake (1 KiB per rank) before 
 is read and another after it, then the statistics, in buckets of at most
 ``BUCKET_BYTES``. The handshake makes disagreements loud instead of silent or hanging:
 
-- every rank states what it is about to reduce (the call, its options, the spec, digests of
-  the models' state_dicts, the statistics' shapes); a rank that differs raises
-  :class:`RankMismatchError` on **every** rank, naming the ranks and what differs;
+- every rank states what it is about to reduce (the call, its options, the spec, the
+  models' state_dicts, the statistics' shapes); a rank that differs raises
+  :class:`RankMismatchError` on **every** rank, naming the ranks and what differs. Models
+  are compared by structure (names, shapes, dtypes: exactly) and by values (a fingerprint,
+  to a relative ``1e-4``: another model is an error); models equal only up to float
+  rounding give a :class:`RankDriftWarning` and are reduced;
 - a rank whose own work fails (bad data, a shape error) tells the others, which raise
   :class:`RankFailedError` with its message while it raises its own error;
 - a rank that never arrives (it took another code path, it died) makes the others raise
@@ -31,7 +34,9 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -50,8 +55,12 @@ __all__ = [
     "rank_and_size",
     "init_from_env",
     "is_main_process",
+    "RankDriftWarning",
+    "Approx",
     "digest",
     "state_digest",
+    "state_fingerprint",
+    "model_items",
     "agree",
     "all_reduce_sum",
 ]
@@ -62,8 +71,9 @@ DEFAULT_TIMEOUT = timedelta(minutes=30)
 #: The largest buffer one all-reduce sends; larger statistics go in several.
 BUCKET_BYTES = 64 << 20
 
-_SLOTS = 24  # handshake items per call
-_MESSAGE = 1024 - 16 - 8 * _SLOTS  # bytes of a failing rank's message
+_SLOTS = 24  # handshake slots per call
+_HEAD = 24  # status, slots used, which slots hold Approx items
+_MESSAGE = 1024 - _HEAD - 8 * _SLOTS  # bytes of a failing rank's message
 _OK, _FAILED = 1, 2
 
 
@@ -320,45 +330,104 @@ def state_digest(state: Mapping[str, Any], keys: Iterable[str] | None = None) ->
 
 # -- the handshake ----------------------------------------------------------------------
 
-def _pack(status: int, names: Sequence[str], values: Sequence[int], message: str) -> torch.Tensor:
+@dataclass(frozen=True)
+class Approx:
+    """A handshake item compared with a tolerance: ranks agree when their ``value`` differ
+    by at most ``rtol`` times the larger ``scale``."""
+
+    value: float
+    scale: float
+    rtol: float = 1e-4
+
+
+def state_fingerprint(state: Mapping[str, Any], keys: Iterable[str] | None = None) -> Approx:
+    """A tolerant fingerprint of a state_dict's values: ``Σ w_i c_i`` over every float
+    element, with fixed pseudo-random weights ``c_i`` in ``[-1, 1]`` (from the element's
+    position and its key), and its scale ``Σ |w_i c_i|``, in float64 on the tensors' devices.
+    Two models that differ only by float rounding (the last bits of a retrained or
+    differently reduced copy) agree; different models, other weights, do not.
+
+    Args:
+        state: the state_dict.
+        keys: the keys to include (default: all), in a fixed order.
+
+    Returns:
+        An :class:`Approx` with ``rtol=1e-4``.
+    """
+    value = scale = 0.0
+    for k, key in enumerate(sorted(state) if keys is None else list(keys)):
+        t = state[key]
+        if not isinstance(t, torch.Tensor) or not (t.is_floating_point() or t.is_complex()):
+            continue
+        flat = (torch.view_as_real(t) if t.is_complex() else t).detach().reshape(-1)
+        chunk = 1 << 22
+        for start in range(0, flat.numel(), chunk):
+            part = flat[start:start + chunk].to(torch.float64)
+            pos = torch.arange(start, start + part.numel(), device=part.device, dtype=torch.float64)
+            c = pos * 0.6180339887498949 + (k + 1) * 0.4142135623730951
+            c = 2.0 * (c - torch.floor(c)) - 1.0
+            prod = part * c
+            value += float(prod.sum())
+            scale += float(prod.abs().sum())
+    return Approx(value, scale)
+
+
+class RankDriftWarning(UserWarning):
+    """The ranks' models agree to a tolerance but not bit for bit (float rounding: the
+    statistics are summed anyway)."""
+
+
+def _pack(status: int, values: Sequence[int], approx: int, message: str) -> torch.Tensor:
     raw = message.encode("utf-8")[:_MESSAGE - 2]
     buf = bytearray(1024)
-    struct.pack_into("<qq", buf, 0, status, len(values))
+    struct.pack_into("<qqq", buf, 0, status, len(values), approx)
     for i, v in enumerate(values[:_SLOTS]):
-        struct.pack_into("<q", buf, 16 + 8 * i, v)
-    base = 16 + 8 * _SLOTS
+        struct.pack_into("<q", buf, _HEAD + 8 * i, v)
+    base = _HEAD + 8 * _SLOTS
     struct.pack_into("<H", buf, base, len(raw))
     buf[base + 2:base + 2 + len(raw)] = raw
     return torch.frombuffer(buf, dtype=torch.int64).clone()
 
 
-def _unpack(t: torch.Tensor) -> tuple[int, list[int], str]:
+def _unpack(t: torch.Tensor) -> tuple[int, list[int], int, str]:
     buf = t.cpu().numpy().tobytes()
-    status, count = struct.unpack_from("<qq", buf, 0)
-    values = [struct.unpack_from("<q", buf, 16 + 8 * i)[0] for i in range(min(count, _SLOTS))]
-    base = 16 + 8 * _SLOTS
+    status, count, approx = struct.unpack_from("<qqq", buf, 0)
+    values = [struct.unpack_from("<q", buf, _HEAD + 8 * i)[0] for i in range(min(count, _SLOTS))]
+    base = _HEAD + 8 * _SLOTS
     (length,) = struct.unpack_from("<H", buf, base)
-    return status, values, buf[base + 2:base + 2 + length].decode("utf-8", errors="replace")
+    return status, values, approx, buf[base + 2:base + 2 + length].decode("utf-8", errors="replace")
+
+
+def _float_bits(x: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+def _bits_float(v: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", v))[0]
 
 
 def agree(group: Any, what: str, items: Mapping[str, Any] | None = None, *,
-          timeout: float | timedelta | None = None, failure: BaseException | None = None) -> None:
+          timeout: float | timedelta | None = None, failure: BaseException | None = None,
+          warn_only: Iterable[str] = ()) -> None:
     """The handshake: check every rank of ``group`` is at the same step with the same inputs.
 
     Every rank calls it at the same point. Each sends a fixed-size record: whether its own
     work so far succeeded (``failure`` is ``None``) or the message of its error, and a digest
     of each of ``items``. When any rank failed, the others raise :class:`RankFailedError`
     (the failing rank returns, to raise its own error); when any item differs from rank 0's,
-    every rank raises :class:`RankMismatchError` naming the first item that differs.
+    every rank raises :class:`RankMismatchError` naming the first item that differs (or,
+    for the items in ``warn_only``, warns with :class:`RankDriftWarning`).
 
     Args:
         group: the process group (from :func:`resolve_group`); ``None`` returns at once.
         what: the step, named in the messages (``"activation_matching (before the data)"``).
         items: name -> anything whose ``repr`` is equal on ranks that agree (an int from
-            :func:`state_digest` for tensors); at most 24, the first one naming the call.
+            :func:`state_digest` for tensors), or an :class:`Approx` compared with its
+            tolerance (two slots); at most 23 slots.
         timeout: seconds (or a timedelta) to wait for the other ranks; default
             ``DEFAULT_TIMEOUT``.
         failure: this rank's own error, when its work failed.
+        warn_only: items whose difference only warns.
 
     Raises:
         RankMismatchError: the ranks' items differ.
@@ -369,14 +438,20 @@ def agree(group: Any, what: str, items: Mapping[str, Any] | None = None, *,
     if group is None:
         return
     wait = _seconds(timeout)
-    names = [what] + list(items or {})
-    values = [digest(what)] + [v if isinstance(v, int) and not isinstance(v, bool) else digest(v)
-                               for v in (items or {}).values()]
+    names: list[str] = [what]
+    values: list[int] = [digest(what)]
+    approx = 0
+    for name, v in (items or {}).items():
+        names.append(name)
+        if isinstance(v, Approx):
+            approx |= 1 << len(values)
+            values += [_float_bits(v.value), _float_bits(v.scale)]
+        else:
+            values.append(v if isinstance(v, int) and not isinstance(v, bool) else digest(v))
     if len(values) > _SLOTS:
-        raise DistributedError(f"agree() takes at most {_SLOTS - 1} items, got {len(values) - 1}")
+        raise DistributedError(f"agree() takes at most {_SLOTS - 1} slots of items, got {len(values) - 1}")
     message = "" if failure is None else f"{type(failure).__name__}: {failure}"
-    mine = _pack(_FAILED if failure is not None else _OK, names, values, message)
-    mine = mine.to(_wire_device(group))
+    mine = _pack(_FAILED if failure is not None else _OK, values, approx, message).to(_wire_device(group))
     rank, size = rank_and_size(group)
     gathered = [torch.empty_like(mine) for _ in range(size)]
     try:
@@ -387,7 +462,7 @@ def agree(group: Any, what: str, items: Mapping[str, Any] | None = None, *,
             return  # this rank's own error says more than the collective's
         raise
     records = [_unpack(t) for t in gathered]
-    failed = [(r, msg) for r, (status, _, msg) in enumerate(records) if status != _OK]
+    failed = [(r, msg) for r, (status, _, _, msg) in enumerate(records) if status != _OK]
     if failed:
         if failure is not None:
             return  # the caller raises its own error
@@ -397,31 +472,68 @@ def agree(group: Any, what: str, items: Mapping[str, Any] | None = None, *,
             f"so rank {rank} stops too. Rank {first_rank} said: {first_msg}",
             tuple(r for r, _ in failed),
         )
-    ref = records[0][1]
-    for i, name in enumerate(names):
-        differ = tuple(r for r, (_, vals, _) in enumerate(records)
-                       if len(vals) != len(ref) or i >= len(vals) or vals[i] != ref[i])
-        if differ:
-            noun = "step" if i == 0 else repr(name)
-            raise RankMismatchError(
-                f"{what}: rank{'s' if len(differ) > 1 else ''} {', '.join(map(str, differ))} of {size} "
-                f"disagree{'' if len(differ) > 1 else 's'} with rank 0 on {noun}"
-                + ("" if i == 0 else f" ({_EXPLAIN.get(name, 'an argument of the call')})")
-                + ": every rank must pass the same spec, the same models and the same options, and only its own "
-                "batches differ",
-                differ, name,
+    ref, ref_approx = records[0][1], records[0][2]
+    soft = set(warn_only)
+    slot = 0
+    for name in names:
+        tolerant = bool(ref_approx >> slot & 1)
+        width = 2 if tolerant else 1
+        differ = []
+        for r, (_, vals, mask, _) in enumerate(records):
+            if len(vals) != len(ref) or mask != ref_approx:
+                differ.append(r)
+            elif tolerant:
+                v0, s0 = _bits_float(ref[slot]), _bits_float(ref[slot + 1])
+                v, sc = _bits_float(vals[slot]), _bits_float(vals[slot + 1])
+                tol = float((items or {})[name].rtol) * max(s0, sc, 1e-300)
+                if not abs(v - v0) <= tol:
+                    differ.append(r)
+            elif vals[slot] != ref[slot]:
+                differ.append(r)
+        slot += width
+        if not differ:
+            continue
+        ranks = ", ".join(map(str, differ))
+        plural = len(differ) > 1
+        if name in soft:
+            warnings.warn(
+                f"{what}: rank{'s' if plural else ''} {ranks} of {size} hold{'' if plural else 's'} {name} "
+                "equal to rank 0's up to float rounding, not bit for bit; the statistics are summed anyway",
+                RankDriftWarning, stacklevel=3,
             )
+            continue
+        noun = "step" if name == what else repr(name)
+        raise RankMismatchError(
+            f"{what}: rank{'s' if plural else ''} {ranks} of {size} disagree{'' if plural else 's'} with rank 0 on {noun}"
+            + ("" if name == what else f" ({_EXPLAIN.get(name.split(' ')[0], 'an argument of the call')})")
+            + ": every rank must pass the same spec, the same models and the same options, and only its own "
+            "batches differ",
+            tuple(differ), name,
+        )
 
 
 _EXPLAIN = {
     "spec": "the groups and their sizes",
-    "model_a": "model A's state_dict: names, shapes, dtypes and values",
-    "model_b": "model B's state_dict: names, shapes, dtypes and values",
+    "model_a": "model A's state_dict",
+    "model_b": "model B's state_dict",
     "model_interp": "the interpolated model's state_dict",
     "model": "the model's state_dict",
     "statistics": "the statistics' names and shapes",
     "inputs": "the example inputs the spec was traced with",
 }
+
+
+def model_items(name: str, state: Mapping[str, Any]) -> dict[str, Any]:
+    """The handshake items of a model's state_dict: its structure (names, shapes, dtypes;
+    exact), its values (:func:`state_fingerprint`, to a tolerance: a mismatch is an error)
+    and its bits (:func:`state_digest`; to be passed in ``warn_only``).
+
+    Returns:
+        ``{name: ..., name + " values": ..., name + " bits": ...}``.
+    """
+    structure = [(k, tuple(v.shape), str(v.dtype)) if isinstance(v, torch.Tensor) else (k, repr(v))
+                 for k, v in sorted(state.items())]
+    return {name: digest(structure), f"{name} values": state_fingerprint(state), f"{name} bits": state_digest(state)}
 
 
 # -- reduction --------------------------------------------------------------------------

@@ -230,12 +230,12 @@ def reset_batchnorm(
             )
         items: dict[str, Any] = {}
         if group is not None:
-            items = {"model": _dist.state_digest(model.state_dict()),
+            items = {**_dist.model_items("model", model.state_dict()),
                      "statistics": [(n, tuple(m.running_mean.shape)) for n, m in model.named_modules() if m in norms]}
     except Exception as exc:
         _dist.agree(group, f"{step} (before the data)", failure=exc, timeout=timeout)
         raise
-    _dist.agree(group, f"{step} (before the data)", items, timeout=timeout)
+    _dist.agree(group, f"{step} (before the data)", items, timeout=timeout, warn_only=("model bits",))
     modes = {m: m.training for m in model.modules()}
     momenta = [m.momentum for m in norms]
     device = _device_of(model)
@@ -740,12 +740,14 @@ def repair(
         items: dict[str, Any] = {}
         if group is not None:
             items = {"alpha": a_, "eps": float(eps), "spec": [(g.name, g.size) for g in spec.groups],
-                     **{what: _dist.state_digest(sd) for what, sd in states.items()},
                      "statistics": [(p.node, p.mask.numel()) for p in producers]}
+            for what, sd in states.items():
+                items.update(_dist.model_items(what, sd))
     except Exception as exc:
         _dist.agree(group, "repair (before the data)", failure=exc, timeout=timeout)
         raise
-    _dist.agree(group, "repair (before the data)", items, timeout=timeout)
+    _dist.agree(group, "repair (before the data)", items, timeout=timeout,
+                warn_only=[f"{what} bits" for what in states])
     report = RepairReport(a_, skipped=skipped)
     runner = _Runner(model_interp, spec, producers, inputs)
 

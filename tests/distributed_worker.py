@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -117,13 +118,22 @@ def disagree(case: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
     a, b = mlp(mine).eval(), mlp(mine).eval()
     spec = permgraph.infer(a, batches[0][:2])
     out["shapes"] = outcome(lambda: activation_matching(spec, a, b, batches, timeout=TIMEOUT))
-    # same architecture, B's weights differ on the last rank
+    # same architecture, another B on the last rank
     a, b = build(case["a"], widths), build(case["b"], widths)
     spec = permgraph.infer(a, batches[0][:2])
     if rank == world - 1:
-        with torch.no_grad():
-            b[0].weight[0, 0] += 1.0
+        torch.manual_seed(5)
+        b = mlp(widths).eval()
     out["weights"] = outcome(lambda: activation_matching(spec, a, b, batches, timeout=TIMEOUT))
+    # the same B up to float rounding (one weight one ulp off): a warning, and the reduction
+    b = build(case["b"], widths)
+    if rank == world - 1:
+        with torch.no_grad():
+            b[0].weight[0, 0] = torch.nextafter(b[0].weight[0, 0], torch.tensor(1.0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out["drift"] = outcome(lambda: activation_matching(spec, a, b, batches, timeout=TIMEOUT))
+    out["drift_warnings"] = [f"{w.category.__name__}: {w.message}" for w in caught]
     b = build(case["b"], widths)
     merged = build(interpolate(a.state_dict(), b.state_dict(), 0.5), widths)
     alpha = 0.5 if rank < world - 1 else 0.25

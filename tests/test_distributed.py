@@ -159,7 +159,7 @@ def test_batchnorm_reset_gives_the_single_process_statistics(agreeing, single, c
 
 @pytest.mark.parametrize("step, error, item", [
     ("shapes", "RankMismatchError", "spec"),
-    ("weights", "RankMismatchError", "model_b"),
+    ("weights", "RankMismatchError", "model_b values"),
     ("repair_alpha", "RankMismatchError", "alpha"),
     ("bn_shapes", "RankMismatchError", "model"),
 ])
@@ -171,6 +171,15 @@ def test_ranks_that_disagree_all_raise_a_named_error(disagreeing, step: str, err
         assert got["ranks"] == (WORLD - 1,)
         assert "rank 0" in got["message"] and "same" in got["message"]
         assert got["seconds"] < 10
+
+
+def test_models_equal_up_to_rounding_warn_and_are_reduced(disagreeing) -> None:
+    perms = []
+    for r in disagreeing:
+        assert "value" in r["drift"], r["drift"]
+        assert any(w.startswith("RankDriftWarning") and "model_b bits" in w for w in r["drift_warnings"]), r["drift_warnings"]
+        perms.append(r["drift"]["value"])
+    assert all(torch.equal(perms[0][g], perms[1][g]) for g in perms[0])
 
 
 def test_a_failing_rank_fails_and_the_others_are_told(disagreeing) -> None:
@@ -214,6 +223,23 @@ def test_state_digest_sees_values_shapes_and_names() -> None:
     ]
     for other in changed:
         assert pgdist.state_digest(other) != pgdist.state_digest(base), other
+
+
+def test_the_value_fingerprint_tolerates_rounding_only() -> None:
+    g = torch.Generator().manual_seed(0)
+    state = {"w": torch.randn(64, 64, generator=g), "b": torch.randn(64, generator=g)}
+    base = pgdist.state_fingerprint(state)
+    rounded = pgdist.state_fingerprint({k: v.double().add(1e-9).float() if k == "b" else v for k, v in state.items()})
+    nudged = {"w": state["w"].nextafter(torch.tensor(9.0)), "b": state["b"]}
+    other = pgdist.state_fingerprint({"w": torch.randn(64, 64, generator=g), "b": state["b"]})
+    swapped = pgdist.state_fingerprint({"w": state["w"][[1, 0, *range(2, 64)]], "b": state["b"]})
+
+    def close(x: pgdist.Approx) -> bool:
+        return abs(x.value - base.value) <= base.rtol * max(x.scale, base.scale)
+
+    assert close(rounded) and close(pgdist.state_fingerprint(nudged))
+    assert pgdist.state_digest(nudged) != pgdist.state_digest(state)  # the bits see it: a warning
+    assert not close(other) and not close(swapped)
 
 
 def test_bad_timeouts_are_named() -> None:

@@ -479,12 +479,12 @@ def _accumulate(spec: PermSpec, model_a: torch.nn.Module, model_b: torch.nn.Modu
         if group is not None:
             items = {"method": method, **(options or {}),
                      "spec": [(g.name, g.size) for g in spec.groups],
-                     "model_a": _dist.state_digest(state_a), "model_b": _dist.state_digest(state_b),
+                     **_dist.model_items("model_a", state_a), **_dist.model_items("model_b", state_b),
                      "statistics": sorted(keys.items()), "inputs": example}
     except Exception as exc:
         _dist.agree(group, f"{call} (before the data)", failure=exc, timeout=timeout)
         raise
-    _dist.agree(group, f"{call} (before the data)", items, timeout=timeout)
+    _dist.agree(group, f"{call} (before the data)", items, timeout=timeout, warn_only=("model_a bits", "model_b bits"))
     if missing:
         warnings.warn(
             f"no value of the traced graph carries group(s) {', '.join(missing[:5])}: they keep the identity",
