@@ -147,3 +147,14 @@ def test_bad_sources_and_choices_are_named() -> None:
     with pytest.raises(DataError, match="batch_size"):
         BatchShardSampler(4, 0)
     assert issubclass(DataError, permgraph.PermGraphError)
+
+
+def test_a_progress_bar_over_batches_without_a_length(capsys: pytest.CaptureFixture[str]) -> None:
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    spec = permgraph.infer(a, X[:2])
+    source = batches((x for x in [X[:8], X[8:16]]), shard=None)
+    with pytest.raises(TypeError):
+        len(source)
+    spec.check_permutation(activation_matching(spec, a, a, source, progress=True))
+    assert "2batch" in capsys.readouterr().err.replace(" ", "")

@@ -503,7 +503,11 @@ def _accumulate(spec: PermSpec, model_a: torch.nn.Module, model_b: torch.nn.Modu
         if progress and rank == 0:
             from tqdm.auto import tqdm
 
-            bar = tqdm(desc="activation matching", unit="batch", total=len(batches) if hasattr(batches, "__len__") else None)  # type: ignore[arg-type]
+            try:
+                total: int | None = len(batches)  # type: ignore[arg-type]
+            except TypeError:  # an iterable without a length (a generator, a Batches over one)
+                total = None
+            bar = tqdm(desc="activation matching", unit="batch", total=total)
         with torch.no_grad():
             for batch in batches:
                 if inputs is not None:
