@@ -145,6 +145,9 @@ def disagree(case: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
     # the last rank's data cannot run (wrong feature count): it fails, the others are told
     bad = batches if rank < world - 1 else [torch.randn(4, widths[0] + 1)]
     out["failed"] = outcome(lambda: activation_matching(spec, a, b, bad, timeout=TIMEOUT))
+    # the last rank fails its own checks, before any data: the others are told as well
+    method = "correlation" if rank < world - 1 else "bogus"
+    out["failed_early"] = outcome(lambda: activation_matching(spec, a, b, batches, method=method, timeout=TIMEOUT))
     # the last rank never calls: the others give up after the timeout (this leaves an
     # unfinished collective behind, so it comes last)
     if rank < world - 1:

@@ -182,11 +182,13 @@ def test_models_equal_up_to_rounding_warn_and_are_reduced(disagreeing) -> None:
     assert all(torch.equal(perms[0][g], perms[1][g]) for g in perms[0])
 
 
-def test_a_failing_rank_fails_and_the_others_are_told(disagreeing) -> None:
-    own, told = disagreeing[WORLD - 1]["failed"], disagreeing[0]["failed"]
+@pytest.mark.parametrize("step", ["failed", "failed_early"])
+def test_a_failing_rank_fails_and_the_others_are_told(disagreeing, step: str) -> None:
+    own, told = disagreeing[WORLD - 1][step], disagreeing[0][step]
     assert own["error"] == "MatchError" and own["named"]
     assert told["error"] == "RankFailedError" and told["ranks"] == (WORLD - 1,)
     assert own["message"][:40] in told["message"]  # the failing rank's own message is quoted
+    assert told["seconds"] < 10
 
 
 def test_a_rank_that_never_arrives_times_out_instead_of_hanging(disagreeing) -> None:
