@@ -697,8 +697,11 @@ def _render(spec: PermSpec, view: _GraphView, region: list[str], module: str | N
     for src, dst, tensor in edges:
         users.setdefault((src, tensor), []).append(dst)
     stubs: dict[str, tuple[str, str, int]] = {}  # stub id -> (source cluster, tensor, users)
+    fans: dict[str, tuple[str, int]] = {}  # the source's end: one short edge to "-> N users"
     for (src, tensor), dsts in users.items():
         if len(dsts) > fanout:
+            fans[f"fan:{tensor}"] = (src, len(dsts))
+            edges[(src, f"fan:{tensor}", tensor)] = None
             for dst in dsts:
                 sid = f"stub:{tensor}:{dst}"
                 stubs[sid] = (src, tensor, len(dsts))
@@ -727,8 +730,9 @@ def _render(spec: PermSpec, view: _GraphView, region: list[str], module: str | N
                         if lt and lt not in where[g]:
                             where[g].append(lt)
                         tip.append(f"dim {d} ({t.shape[d]}): group {g}, {size} units" + (f", {lt}" if lt else ""))
-            label_parts = [f"{g} ({groups[g].size if g in groups else '?'}" + "".join(", " + lt for lt in where[g][:2])
-                           + (", ..." if len(where[g]) > 2 else "") + ")" for g in gs]
+            label_parts = [f"{g} ({groups[g].size if g in groups else '?'}"
+                           + (": " + "; ".join(where[g][:2]) if where[g] else "")
+                           + ("; ..." if len(where[g]) > 2 else "") + ")" for g in gs]
             more = len(label_parts) - max_groups
             label = "\n".join(label_parts[:max_groups]) + (f"\n+{more} more" if more > 0 else "")
             colour = ":".join(colours.get(g, _FIXED) for g in gs[:max_groups])
@@ -747,7 +751,7 @@ def _render(spec: PermSpec, view: _GraphView, region: list[str], module: str | N
             found.sort(key=lambda f: -f[0])
             reasons = list(dict.fromkeys(r for _, r in found))
             if reasons:
-                short = reasons[0] if len(reasons[0]) <= 40 else reasons[0][:38] + "…"
+                short = reasons[0] if len(reasons[0]) <= 56 else reasons[0][:54] + "…"
                 label = f"fixed: {short}" + (f" (+{len(reasons) - 1})" if len(reasons) > 1 else "")
                 edge_lines.append(f"  {nid(src)} -> {nid(dst)} " + _attrs(
                     label=_pad(label), color=_FIXED, fontcolor="#666666", style="dashed", penwidth=1.2,
@@ -817,6 +821,11 @@ def _render(spec: PermSpec, view: _GraphView, region: list[str], module: str | N
             label=_Html(f"<B>output</B><BR/>{_h(shapes)}"), shape="oval", peripheries=2, style="filled", fillcolor="#f2dede",
             tooltip=f"model output {oid[2:]}: {shapes}", pg_kind="output"))
     titles = {cid: c.title for cid, c in clusters.items()} | {f"in:{i}": f"input {i}" for i in inputs}
+    for fid, (src, count) in fans.items():
+        node_lines.append(f"  {nid(fid)} " + _attrs(
+            label=f"→ {count} users", shape="plaintext", fontcolor="#888888", fontsize=8,
+            tooltip=f"{fid[4:]} is used by {count} nodes: each shows it as a stub (⋯ {titles.get(src, src)})",
+            pg_kind="fan"))
     for sid, (src, tensor, count) in stubs.items():
         node_lines.append(f"  {nid(sid)} " + _attrs(
             label=f"⋯ {titles.get(src, src)}", shape="plaintext", fontcolor="#888888", fontsize=8,

@@ -271,7 +271,10 @@ def test_wide_fanout_becomes_stubs():
     stubs = [n for n, a in nodes.items() if a["pg_kind"] == "stub"]
     assert len(stubs) == 6 and all("⋯ a" in nodes[s]["label"] for s in stubs)
     assert all(edge_groups(e) == ["a"] for s, _, e in edges if s in stubs)
-    assert len(parse(draw(spec, fanout=6))[0]) == len(nodes) - 6
+    (fan,) = [n for n, a in nodes.items() if a["pg_kind"] == "fan"]  # the source's end
+    assert "6 users" in nodes[fan]["label"] and [edge_groups(e) for _, t, e in edges if t == fan] == [["a"]]
+    check_content(spec, draw(spec))
+    assert len(parse(draw(spec, fanout=6))[0]) == len(nodes) - 7
 
 
 # -- bad input --------------------------------------------------------------------------------
