@@ -275,3 +275,25 @@ def test_recentred_statistics_add_up_to_the_whole() -> None:
         setattr(total, name, sum(getattr(h, name) for h in halves))
     for method in ("correlation", "covariance", "cosine"):
         torch.testing.assert_close(total.similarity(method), whole.similarity(method), rtol=1e-9, atol=1e-10)
+
+
+def test_a_group_of_one_rank_reduces_nothing(tmp_path: Path) -> None:
+    """Initialised with a single rank, everything is as in one process (and nothing waits)."""
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    assert pgdist.init_from_env() is False  # no torchrun environment here
+    torch.manual_seed(0)
+    a, b = mlp((8, 16, 4)).eval(), mlp((8, 16, 4)).eval()
+    spec = permgraph.infer(a, torch.randn(2, 8))
+    data = [torch.randn(32, 8) for _ in range(3)]
+    want = activation_matching(spec, a, b, data)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert pgdist.resolve_group() is None and pgdist.is_main_process()
+        got = activation_matching(spec, a, b, data, timeout=5)
+        assert all(torch.equal(got[g], want[g]) for g in want)
+        with pytest.raises(pgdist.DistributedError, match="ProcessGroup"):
+            activation_matching(spec, a, b, data, process_group="world")
+    finally:
+        dist.destroy_process_group()
