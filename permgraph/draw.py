@@ -35,7 +35,7 @@ from typing import Any
 from permgraph.errors import PermGraphError
 from permgraph.spec import Layout, PermSpec
 
-__all__ = ["draw", "Drawing", "DrawError", "GraphvizMissingWarning", "FORMATS", "graphviz_missing"]
+__all__ = ["draw", "Drawing", "DrawError", "GraphvizMissingWarning", "FORMATS", "graphviz_missing", "check_path"]
 
 FORMATS = ("svg", "png", "pdf", "dot", "gv")
 INSTALL_HINT = (
@@ -485,7 +485,7 @@ class Drawing:
             DrawError: the suffix is not a supported format, or ``dot`` failed.
         """
         path = Path(path)
-        fmt = _check_format(path.suffix.lstrip(".") or "(none)", renderable=False, path=path)
+        fmt = check_path(path)
         if fmt in ("dot", "gv"):
             path.write_text(self.source)
             return path
@@ -525,6 +525,25 @@ def graphviz_missing() -> str | None:
     if shutil.which("dot") is None:
         return "Graphviz's dot binary is not on PATH"
     return None
+
+
+def check_path(path: str | Path) -> str:
+    """The drawing format a file name asks for (its suffix), checked before any work is done.
+
+    Args:
+        path: a file name such as ``"model.svg"``.
+
+    Returns:
+        ``"svg"``, ``"png"``, ``"pdf"``, ``"dot"`` or ``"gv"``.
+
+    Raises:
+        DrawError: the suffix is none of these.
+
+    Examples:
+        >>> check_path("resnet.PNG")
+        'png'
+    """
+    return _check_format(Path(path).suffix.lstrip(".") or "(none)", renderable=False, path=Path(path))
 
 
 def _check_format(fmt: str, *, renderable: bool, path: Path | None = None) -> str:
@@ -590,7 +609,7 @@ def draw(
         digraph permgraph {
     """
     if path is not None:
-        _check_format(Path(path).suffix.lstrip(".") or "(none)", renderable=False, path=Path(path))
+        check_path(path)
     if depth is not None and (not isinstance(depth, int) or depth < 1):
         raise DrawError(f"depth must be a positive integer (1: top-level modules), got {depth!r}")
     if rankdir not in ("TB", "LR", "BT", "RL"):

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import permgraph
-from permgraph.draw import DrawError, Drawing, GraphvizMissingWarning, draw, graphviz_missing
+from permgraph.draw import DrawError, Drawing, GraphvizMissingWarning, check_path, draw, graphviz_missing
 from permgraph.testing import ZOO
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -287,6 +287,9 @@ def test_unknown_format_is_a_named_error(tiny, tmp_path):
         draw(tiny).save(tmp_path / "noext")
     with pytest.raises(DrawError, match="unknown drawing format 'dot'"):
         draw(tiny).pipe("dot")
+    with pytest.raises(DrawError, match=r"unknown drawing format 'bmp' for x.bmp: use one of .svg, .png, .pdf, .dot, .gv"):
+        check_path("x.bmp")  # what the CLI checks before it traces
+    assert check_path("a/b.SVG") == "svg"
     assert not list(tmp_path.iterdir())
 
 
