@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 import warnings
 
 import pytest
@@ -335,6 +336,14 @@ def test_dot_fallback_when_the_binary_is_missing(tiny, tmp_path, no_dot):
     assert d._repr_svg_() is None  # Jupyter falls back to the text repr
     with pytest.raises(DrawError, match="cannot render svg.*not on PATH"):
         d.svg()
+
+
+def test_dot_fallback_when_the_python_package_is_missing(tiny, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "graphviz", None)  # as if not installed: import fails
+    assert graphviz_missing() == "the Python package graphviz is not installed"
+    with pytest.warns(GraphvizMissingWarning, match=r"wrote .*tiny.dot instead of .*tiny.svg.*dot -Tsvg"):
+        written = draw(tiny).save(tmp_path / "tiny.svg")
+    assert written.suffix == ".dot" and written.read_text().startswith("digraph permgraph {")
 
 
 def test_dot_file_needs_no_graphviz(tiny, tmp_path, no_dot):
