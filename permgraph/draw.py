@@ -148,6 +148,8 @@ class _GraphView:
         else:
             outs = [n for n, x in self.nodes.items() if x.kind == "output"]
             self.user_outputs = {p for o in outs for p in self.preds[o]}
+        # state_dict keys no op reads (a parameter only a training-time branch uses)
+        self.unused = {k for n, x in self.nodes.items() if x.kind == "parameter" and not self.succs[n] for k in x.keys}
         self._reasons: dict[str, list[list[str | None]]] | None = None
 
     def reasons(self, name: str) -> list[list[str | None]]:
@@ -866,7 +868,7 @@ def _render(spec: PermSpec, view: _GraphView, region: list[str], module: str | N
     lines += edge_lines
     if legend:
         # the legend is the graph's label: it takes no rank, so it stretches no row of the layout
-        lines.append("  graph " + _attrs(label=_Html(_legend_html(spec, listed, colours, drawn_groups, inside_all, in_folds, module)),
+        lines.append("  graph " + _attrs(label=_Html(_legend_html(spec, listed, colours, drawn_groups, inside_all, in_folds, module, view.unused)),
                                          labelloc="t", labeljust="l", pg_legend=json.dumps(listed)))
     lines.append("}")
     drawing = Drawing("\n".join(lines) + "\n", tuple(listed), len(node_lines), len(edge_lines), module)
@@ -876,7 +878,7 @@ def _render(spec: PermSpec, view: _GraphView, region: list[str], module: str | N
 
 
 def _legend_html(spec: PermSpec, listed: list[str], colours: dict[str, str], drawn: set[str], inside: set[str],
-                 in_folds: set[str], module: str | None) -> str:
+                 in_folds: set[str], module: str | None, unused: set[str]) -> str:
     head = f"{len(spec.groups)} groups, {spec.num_units} permutable units"
     if module is not None:
         head = f"{module}: {len(listed)} of the model's {len(spec.groups)} groups"
@@ -888,7 +890,9 @@ def _legend_html(spec: PermSpec, listed: list[str], colours: dict[str, str], dra
         if g.name not in shown:
             continue
         where = ("" if g.name in drawn else " (in folded blocks)" if g.name in in_folds
-                 else " (inside a node)" if g.name in inside else " (not drawn)")
+                 else " (inside a node)" if g.name in inside
+                 else " (its tensors are unused by the forward)" if all(m.key in unused for m in g.members)
+                 else " (not drawn)")
         rows.append(
             f'<TR><TD BGCOLOR="{colours[g.name]}" WIDTH="18"> </TD><TD ALIGN="LEFT">{_h(g.name)}{_h(where)}</TD>'
             f'<TD ALIGN="RIGHT">{g.size}</TD><TD ALIGN="RIGHT">{len(g.members)}</TD></TR>'

@@ -155,8 +155,15 @@ def check_content(spec: permgraph.PermSpec, d: Drawing) -> None:
     for nid, a in nodes.items():
         for k in json.loads(a.get("pg_params", "[]")):
             holders.setdefault(k, []).append(nid)
+    unused = {k for n, a in spec.graph.nodes(data=True) if a["kind"] == "parameter" and not spec.graph.out_degree(n)
+              for k in a["keys"]}
     for g in spec.groups:
+        if all(m.key in unused for m in g.members):  # no op reads it: nothing to draw but the legend row
+            assert f">{g.name} (its tensors are unused by the forward)<" in legend
+            continue
         for m in g.members:
+            if m.key in unused:
+                continue
             assert m.key in holders, f"{m.key} is in no drawn node"
             shown = [n for n in holders[m.key] if g.name in incident[n] or g.name in json.loads(nodes[n]["pg_inside"])]
             assert shown, f"group {g.name}: member {m} is not shown at {holders[m.key]}"
@@ -206,6 +213,21 @@ def test_op_without_a_rule_dashes_its_tensors_with_the_reason():
 @pytest.mark.parametrize("name", ["mlp", "resnet18", "gpt2"])
 def test_zoo_drawings_show_every_group(name):
     spec = _spec(name)
+    check_content(spec, draw(spec))
+
+
+def test_a_parameter_the_forward_never_reads_is_listed_as_unused():
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+            self.mask_embed = nn.Parameter(torch.zeros(5))  # read only by a training-time branch
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    spec = permgraph.infer(Unused(), torch.randn(2, 4))
+    assert "mask_embed" in spec.names
     check_content(spec, draw(spec))
 
 
