@@ -636,12 +636,10 @@ def draw(
     return _render(spec, view, region, module or None, depth, fold, rankdir, legend, max_groups_per_edge, fanout, path)
 
 
-def _render(spec: PermSpec, view: _GraphView, region: list[str], module: str | None, depth: int | None,
-            fold: bool, rankdir: str, legend: bool, max_groups: int, fanout: int, path: str | Path | None) -> Drawing:
-    groups = {g.name: g for g in spec.groups}
-    colours = dict(zip(groups, _palette(len(groups))))
+def _build_clusters(view: _GraphView, region: list[str], depth: int | None,
+                    fold: bool) -> tuple[dict[str, _Cluster], dict[str, str]]:
+    """The drawn nodes of a region, and the drawn node of each fx node."""
     parents = {c[0] for x in view.nodes.values() for c in x.calls[:-1]}
-
     clusters_raw = _cluster(view, region, depth)
     folded = _fold(view, region, clusters_raw) if fold else {}
 
@@ -672,17 +670,12 @@ def _render(spec: PermSpec, view: _GraphView, region: list[str], module: str | N
         clusters[rep] = c
         for n in nodes:
             owner[n] = rep
+    return clusters, owner
 
-    inputs = [n for n, x in view.nodes.items() if x.kind == "input"]
-    lines: list[str] = []
-    ids: dict[str, str] = {}
 
-    def nid(cid: str) -> str:
-        if cid not in ids:
-            ids[cid] = f"n{len(ids)}"
-        return ids[cid]
-
-    # -- edges, collected first: they decide which groups are visible on a node's boundary
+def _collect_edges(view: _GraphView, region: list[str], owner: dict[str, str]):
+    """Edges ``(source node, target node, fx tensor)`` between drawn nodes, and the input,
+    output and outside-the-region nodes they need."""
     edges: dict[tuple[str, str, str], None] = {}
     outside: dict[str, _Cluster] = {}
     outputs: dict[str, _Cluster] = {}
@@ -697,7 +690,7 @@ def _render(spec: PermSpec, view: _GraphView, region: list[str], module: str | N
                 edges[(f"in:{p}", owner[n], p)] = None
             elif px.kind == "op" and px.tensors:
                 oid = f"out:{px.module or px.op}"
-                outside.setdefault(oid, _Cluster(oid, "outside", px.module or "(root)", px.op))
+                outside.setdefault(oid, _Cluster(oid, "outside", px.module or px.op, px.op))
                 edges[(oid, owner[n], p)] = None
         for w in view.succs[n]:
             wx = view.nodes[w]
@@ -708,8 +701,27 @@ def _render(spec: PermSpec, view: _GraphView, region: list[str], module: str | N
                     edges[(owner[n], oid, n)] = None
             elif w not in region_set and wx.kind == "op" and wx.tensors:
                 oid = f"out:{wx.module or wx.op}"
-                outside.setdefault(oid, _Cluster(oid, "outside", wx.module or "(root)", wx.op))
+                outside.setdefault(oid, _Cluster(oid, "outside", wx.module or wx.op, wx.op))
                 edges[(owner[n], oid, n)] = None
+    return edges, outside, outputs
+
+
+def _render(spec: PermSpec, view: _GraphView, region: list[str], module: str | None, depth: int | None,
+            fold: bool, rankdir: str, legend: bool, max_groups: int, fanout: int, path: str | Path | None) -> Drawing:
+    groups = {g.name: g for g in spec.groups}
+    colours = dict(zip(groups, _palette(len(groups))))
+    clusters, owner = _build_clusters(view, region, depth, fold)
+    edges, outside, outputs = _collect_edges(view, region, owner)
+
+    inputs = [n for n, x in view.nodes.items() if x.kind == "input"]
+    lines: list[str] = []
+    ids: dict[str, str] = {}
+
+    def nid(cid: str) -> str:
+        if cid not in ids:
+            ids[cid] = f"n{len(ids)}"
+        return ids[cid]
+
     used_inputs = [i for i in inputs if any(e[0] == f"in:{i}" for e in edges)]
 
     # a tensor used by many nodes (an attention mask, rotary tables) would cross the whole
