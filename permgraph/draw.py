@@ -153,10 +153,22 @@ class _GraphView:
         self._reasons: dict[str, list[list[str | None]]] | None = None
 
     def reasons(self, name: str) -> list[list[str | None]]:
-        """Per tensor, per dim: why the axis is fixed (None when it is not blocked)."""
+        """Per tensor, per dim: why the axis is fixed; None when it is not blocked, ``""``
+        when the rules never saw it (a view that the picks pass reads through)."""
         if self._reasons is None:
-            self._reasons = _block_reasons(self.traced) if self.traced is not None else {}
+            self._reasons = {}
+            if self.traced is not None:
+                try:
+                    self._reasons = _block_reasons(self.traced)
+                except Exception as exc:  # noqa: BLE001 - a drawing without reasons beats none
+                    warnings.warn(f"permgraph.draw could not read why axes are blocked ({type(exc).__name__}: "
+                                  f"{exc}); fixed tensors are drawn without their reason", stacklevel=3)
+                    self._reasons = {n: [[_UNKNOWN] * len(t.shape) for t in x.tensors] for n, x in self.nodes.items()}
         return self._reasons.get(name, [])
+
+
+_UNTRACKED = "no group: the rules relate this view's source to its users directly"
+_UNKNOWN = "no group (the reason could not be read)"
 
 
 def _block_reasons(traced: Any) -> dict[str, list[list[str | None]]]:
@@ -173,7 +185,9 @@ def _block_reasons(traced: Any) -> dict[str, list[list[str | None]]]:
             dims: list[str | None] = []
             for a in v.axes:
                 var = s.axis_var.get((a.value, a.dim))
-                if var is None or not s.u.is_blocked(var):
+                if var is None:
+                    dims.append("")
+                elif not s.u.is_blocked(var):
                     dims.append(None)
                 else:
                     dims.append(s.u.block_reason(var) or "part of a blocked axis")
@@ -777,7 +791,8 @@ def _render(spec: PermSpec, view: _GraphView, region: list[str], module: str | N
             for t, rs in zip(x.tensors, view.reasons(tensor) or [[None] * len(t.shape) for t in x.tensors]):
                 for d, r in enumerate(rs):
                     if d < len(t.shape) and t.shape[d] > 1:
-                        tip.append(f"dim {d} ({t.shape[d]}): " + (f"fixed: {r}" if r else "free, but no weight is permuted with it"))
+                        tip.append(f"dim {d} ({t.shape[d]}): " + (
+                            f"fixed: {r}" if r else _UNTRACKED if r == "" else "free, but no weight is permuted with it"))
                         if r:
                             found.append((t.shape[d], _strip_where(r)))
             # the label names the reason of the widest axis (the features, as a rule); all are in the tooltip

@@ -210,6 +210,21 @@ def test_op_without_a_rule_dashes_its_tensors_with_the_reason():
     assert "without a rule" in graph["label"]  # the legend reports blocked ops
 
 
+def test_reasons_that_cannot_be_read_still_draw_dashed(tiny, monkeypatch):
+    import permgraph.draw as pd
+
+    def broken(traced):
+        raise AttributeError("_Solver has no attribute 'axis_var'")  # as if analysis changed
+
+    monkeypatch.setattr(pd, "_block_reasons", broken)
+    with pytest.warns(UserWarning, match="could not read why axes are blocked.*axis_var"):
+        nodes, edges, _ = parse(draw(tiny))
+    kinds = {n: a["pg_kind"] for n, a in nodes.items()}
+    (inp,) = [e for s, _, e in edges if kinds[s] == "input"]
+    assert inp["pg_kind"] == "blocked" and "could not be read" in inp["label"]
+    assert [edge_groups(e) for s, t, e in edges if nodes[s].get("pg_module") == "stem"] == [["stem"]]
+
+
 @pytest.mark.parametrize("name", ["mlp", "resnet18", "gpt2"])
 def test_zoo_drawings_show_every_group(name):
     spec = _spec(name)
