@@ -8,7 +8,7 @@ group permutes is dashed, with the reason it is fixed (model input or output, an
 rule, ...) as its tooltip. Model inputs and outputs are marked; a legend lists every group.
 
 Options: ``module=PREFIX`` draws one region, ``depth=N`` collapses every module below depth
-``N`` into one node, ``fold=True`` draws a run of three or more identical indexed blocks
+``N`` into one node, ``fold=True`` draws a run of four or more identical indexed blocks
 (``h.0``, ``h.1``, ...) as its first block, one node for the middle ones and its last block.
 
 The DOT text is always produced (no dependency); rendering to SVG/PNG/PDF needs Graphviz's
@@ -302,7 +302,7 @@ def _cluster(view: _GraphView, region: list[str], depth: int | None) -> dict[str
 
 
 def _fold(view: _GraphView, region: list[str], clusters: dict[str, list[str]]) -> dict[str, tuple[str, int, str]]:
-    """Runs of >= 3 identical consecutive indexed blocks: every node of the middle blocks
+    """Runs of >= 4 identical consecutive indexed blocks: every node of the middle blocks
     maps to one fold id. Returns node -> (fold id, number of blocks, title)."""
     children: dict[str, dict[int, list[str]]] = {}
     for n in region:
@@ -333,7 +333,7 @@ def _fold(view: _GraphView, region: list[str], clusters: dict[str, list[str]]) -
             else:
                 runs.append([i])
         for run in runs:
-            if len(run) < 3:
+            if len(run) < 4:  # with three, the middle is one block: nothing to fold
                 continue
             middle = run[1:-1]
             nodes = {n for i in middle for n in inst[i]}
@@ -597,7 +597,7 @@ def draw(
             or ``"transformer.h.0.attn"``); tensors from and to the rest show as grey stubs.
         depth: collapse every module deeper than this many path components into one node
             (``depth=2``: ``layer1.0``); ``None`` draws each leaf-module call.
-        fold: draw a run of three or more identical consecutive indexed blocks (``h.0`` ...
+        fold: draw a run of four or more identical consecutive indexed blocks (``h.0`` ...
             ``h.23``) as its first block, one node for the middle blocks and its last block.
         rankdir: Graphviz layout direction, ``"TB"`` (top to bottom) or ``"LR"``.
         legend: add the legend of groups.

@@ -273,6 +273,9 @@ def test_fold_draws_repeated_blocks_once():
 
 def test_fold_leaves_distinct_blocks_alone(tiny):
     assert draw(tiny, fold=True).source == draw(tiny).source
+    torch.manual_seed(0)
+    three = permgraph.infer(Stack(3), torch.randn(3, 4))  # a middle of one block: nothing to fold
+    assert draw(three, fold=True).source == draw(three).source
 
 
 def test_module_region_and_depth():
