@@ -106,72 +106,120 @@ def analyze(traced: Traced) -> tuple[_Solver, list[Unsupported]]:
     nodes = list(traced.graph_module.graph.nodes)
     skipped, replaced = picks_through_views(traced.graph_module.graph)
     by_key: dict[str, torch.fx.Node] = {}
+    conflicts: list[tuple[torch.fx.Node, int]] = []  # (node, index into s.u.conflicts)
     for node in nodes:
-        if node.op == "placeholder":
-            if node.name in traced.user_inputs:
-                s.block_value(node, f"model input {node.name}")
-            elif node.name not in traced.params:
-                s.block_value(node, traced.not_in_state_dict.get(node.name, f"constant {node.name}"))
-            else:
-                for v in values_of(node):  # give every parameter axis a variable
-                    for a in v.axes:
-                        s.var(a)
-                # tied weights can reach the graph as several placeholders of one tensor:
-                # they are one tensor, so they get one permutation
-                first = next((by_key[k] for k in traced.params[node.name] if k in by_key), None)
-                if first is not None:
-                    a_val, b_val = value_of_arg(first), value_of_arg(node)
-                    for a, b in zip(a_val.axes, b_val.axes):
-                        s.u.unify(s.var(a), s.var(b), f"tied weights {first.name} = {node.name}")
-                for k in traced.params[node.name]:
-                    by_key.setdefault(k, node)
-        elif node.name in skipped:  # views whose picks are related to their source directly
-            continue
-        elif node.name in replaced:
-            s.apply(replaced[node.name], module_path(node) or node.name)
-        elif node.op == "call_function":
-            ins, outs = _tensor_inputs(node), values_of(node)
-            if not ins and not outs:
-                continue
-            where = module_path(node) or node.name
-            fn = lookup(node.target)
-            reason = None
-            if fn is None:
-                reason = "no rule for this op"
-            else:
-                try:
-                    mentioned, reported = s.apply(list(constraints_for(node, fn)), where)
-                except Exception as exc:  # noqa: BLE001 - a rule that cannot read a call blocks it
-                    reason = f"the rule could not read this call ({type(exc).__name__}: {exc})"
-                else:
-                    missed = [a for v in ins + outs for a in v.axes if a not in mentioned]
-                    for a in missed:
-                        s.u.block(s.var(a), f"{op_name(node.target)} left this axis unexplained @ {where}")
-                    if missed:
-                        reported.append(f"the rule left {len(missed)} axis/axes unexplained (blocked)")
-                    if reported:
-                        unsupported.append(Unsupported(node.name, op_name(node.target), module_path(node), "; ".join(reported)))
-            if reason is not None:
-                for v in ins + outs:
-                    for a in v.axes:
-                        s.u.block(s.var(a), f"{op_name(node.target)}: {reason} @ {where}")
-                unsupported.append(Unsupported(node.name, op_name(node.target), module_path(node), reason))
-        elif node.op == "output":
-            for arg in torch.utils._pytree.tree_leaves(node.args):
-                if not isinstance(arg, torch.fx.Node):
-                    continue
-                if arg.name in traced.mutations:
-                    buf = next(n for n in nodes if n.name == traced.mutations[arg.name])
-                    bv, nv = value_of_arg(buf), value_of_arg(arg)
-                    if bv is not None and nv is not None and bv.shape == nv.shape:
-                        for a, b in zip(bv.axes, nv.axes):
-                            s.u.unify(s.var(a), s.var(b), f"buffer update @ {buf.name}")
-                        continue
-                s.block_value(arg, f"model output {arg.name}")
-        elif node.op == "get_attr":
-            s.block_value(node, f"attribute {node.target}")
+        seen = len(s.u.conflicts)
+        _visit(node, traced, s, unsupported, nodes, skipped, replaced, by_key)
+        conflicts += [(node, i) for i in range(seen, len(s.u.conflicts))]
+    weights = s.u.reachable([s.var(a) for n in nodes if n.op == "placeholder" and n.name in traced.params
+                             for v in values_of(n) for a in v.axes if a.size > 1])
+    _report_conflicts(s, unsupported, conflicts, weights)
+    _report_pinning_constants(traced, s, unsupported, nodes, weights)
     s.u.finish()
     return s, unsupported
+
+
+def _report_conflicts(s: _Solver, unsupported: list[Unsupported], conflicts, weights: set[int]) -> None:
+    """Two layouts of one axis that cannot both hold block the units involved (sound); where
+    those are units of weights, the report says which op asked for what."""
+    done: set[tuple[str, str]] = set()
+    for node, i in conflicts:
+        msg = s.u.conflicts[i]
+        if (node.name, msg) in done or not any(s.u.find(v) in weights for v in s.u.conflict_vars[i]):
+            continue
+        done.add((node.name, msg))
+        unsupported.append(Unsupported(node.name, _op_of(node), module_path(node),
+                                       f"layout conflict, the units involved are blocked: {msg}"))
+
+
+def _op_of(node: torch.fx.Node) -> str:
+    return op_name(node.target) if node.op == "call_function" else node.op
+
+
+def _report_pinning_constants(traced: Traced, s: _Solver, unsupported: list[Unsupported], nodes,
+                              weights: set[int]) -> None:
+    """A tensor that is not in the state_dict (a non-persistent buffer, a plain tensor
+    attribute, a lifted constant) keeps its positions: where one of its axes is tied to
+    units of a weight, those units are fixed, and the report says so."""
+    for node in nodes:
+        constant = (node.op == "placeholder" and node.name not in traced.params and node.name not in traced.user_inputs) \
+            or node.op == "get_attr"
+        if not constant:
+            continue
+        dims = [a.dim for v in values_of(node) for a in v.axes if a.size > 1 and s.u.find(s.var(a)) in weights]
+        if dims:
+            what = traced.not_in_state_dict.get(node.name, f"constant {node.target}")
+            unsupported.append(Unsupported(node.name, _op_of(node), module_path(node),
+                                           f"{what}: it cannot be permuted, so it fixes the units of weights it "
+                                           f"meets along dim(s) {dims}. Register it as a persistent buffer (or "
+                                           "a parameter) to let them move."))
+
+
+def _visit(node, traced: Traced, s: _Solver, unsupported: list[Unsupported], nodes, skipped, replaced, by_key) -> None:
+    """Feed one node's constraints into the solver (see `analyze`)."""
+    if node.op == "placeholder":
+        if node.name in traced.user_inputs:
+            s.block_value(node, f"model input {node.name}")
+        elif node.name not in traced.params:
+            s.block_value(node, traced.not_in_state_dict.get(node.name, f"constant {node.name}"))
+        else:
+            for v in values_of(node):  # give every parameter axis a variable
+                for a in v.axes:
+                    s.var(a)
+            # tied weights can reach the graph as several placeholders of one tensor:
+            # they are one tensor, so they get one permutation
+            first = next((by_key[k] for k in traced.params[node.name] if k in by_key), None)
+            if first is not None:
+                a_val, b_val = value_of_arg(first), value_of_arg(node)
+                for a, b in zip(a_val.axes, b_val.axes):
+                    s.u.unify(s.var(a), s.var(b), f"tied weights {first.name} = {node.name}")
+            for k in traced.params[node.name]:
+                by_key.setdefault(k, node)
+    elif node.name in skipped:  # views whose picks are related to their source directly
+        return
+    elif node.name in replaced:
+        s.apply(replaced[node.name], module_path(node) or node.name)
+    elif node.op == "call_function":
+        ins, outs = _tensor_inputs(node), values_of(node)
+        if not ins and not outs:
+            return
+        where = module_path(node) or node.name
+        fn = lookup(node.target)
+        reason = None
+        if fn is None:
+            reason = "no rule for this op"
+        else:
+            try:
+                mentioned, reported = s.apply(list(constraints_for(node, fn)), where)
+            except Exception as exc:  # noqa: BLE001 - a rule that cannot read a call blocks it
+                reason = f"the rule could not read this call ({type(exc).__name__}: {exc})"
+            else:
+                missed = [a for v in ins + outs for a in v.axes if a not in mentioned]
+                for a in missed:
+                    s.u.block(s.var(a), f"{op_name(node.target)} left this axis unexplained @ {where}")
+                if missed:
+                    reported.append(f"the rule left {len(missed)} axis/axes unexplained (blocked)")
+                if reported:
+                    unsupported.append(Unsupported(node.name, op_name(node.target), module_path(node), "; ".join(reported)))
+        if reason is not None:
+            for v in ins + outs:
+                for a in v.axes:
+                    s.u.block(s.var(a), f"{op_name(node.target)}: {reason} @ {where}")
+            unsupported.append(Unsupported(node.name, op_name(node.target), module_path(node), reason))
+    elif node.op == "output":
+        for arg in torch.utils._pytree.tree_leaves(node.args):
+            if not isinstance(arg, torch.fx.Node):
+                continue
+            if arg.name in traced.mutations:
+                buf = next(n for n in nodes if n.name == traced.mutations[arg.name])
+                bv, nv = value_of_arg(buf), value_of_arg(arg)
+                if bv is not None and nv is not None and bv.shape == nv.shape:
+                    for a, b in zip(bv.axes, nv.axes):
+                        s.u.unify(s.var(a), s.var(b), f"buffer update @ {buf.name}")
+                    continue
+            s.block_value(arg, f"model output {arg.name}")
+    elif node.op == "get_attr":
+        s.block_value(node, f"attribute {node.target}")
 
 
 def _occurrences(t: Leaf | Tree, offset: int, scale: int, repeats: tuple[tuple[int, int], ...], out: list,

@@ -10,6 +10,8 @@ __all__ = [
     "PermutationError",
     "VerificationError",
     "LapError",
+    "OracleArgumentError",
+    "RoundingWarning",
 ]
 
 
@@ -44,3 +46,12 @@ class VerificationError(PermGraphError):
 
 class LapError(PermGraphError, ValueError):
     """A linear assignment problem was given an invalid matrix."""
+
+
+class OracleArgumentError(PermGraphError, ValueError):
+    """`PermSpec.verify` was given a tolerance or a number of draws out of range."""
+
+
+class RoundingWarning(UserWarning):
+    """`PermSpec.verify`: float32 outputs changed under a permutation but float64 outputs
+    agree, so the change is rounding amplified by the model, not a wrong group."""

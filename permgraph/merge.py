@@ -15,18 +15,26 @@ A batch, wherever this module takes ``batches``, is what the model's forward tak
 ``infer``'s example inputs and the matchers: a Tensor (one input), a tuple of positional
 arguments or a dict of keyword arguments. For a ``DataLoader`` of ``(x, y)`` pairs, pass
 ``inputs=lambda batch: batch[0]``.
+
+Data parallel: under ``torch.distributed`` (``torchrun``), `reset_batchnorm` and `repair`
+take each rank's own shard of the batches and sum their statistics over the process group
+(``process_group=``), so every rank ends with the same model, the one a single process
+gets on all the batches (see :mod:`permgraph.distributed`).
 """
 
 from __future__ import annotations
 
 import math
+import types
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import torch
 from torch import nn
 
+from permgraph import distributed as _dist
 from permgraph.errors import PermGraphError, SpecMismatchError
 from permgraph.spec import PermSpec
 
@@ -167,6 +175,8 @@ def reset_batchnorm(
     *,
     max_batches: int | None = None,
     inputs: Callable[[Any], Any] | None = None,
+    process_group: Any = None,
+    timeout: float | timedelta | None = None,
 ) -> int:
     """Recompute the running statistics of every BatchNorm layer of ``model`` on data.
 
@@ -179,15 +189,25 @@ def reset_batchnorm(
     Args:
         model: the (interpolated) model.
         batches: the data (see the module docstring); a few dozen batches are plenty.
-        max_batches: stop after this many batches.
+        max_batches: stop after this many batches (per rank, in a distributed run).
         inputs: picks the model's inputs out of each batch (e.g. ``lambda b: b[0]``).
+        process_group: under ``torch.distributed``, each rank passes its own shard of the
+            batches and every layer's cumulative averages are combined over the group
+            (``None``: the default group when initialised; a ``ProcessGroup``; ``False``:
+            this rank's batches only): every rank ends with the statistics of one process on
+            all the batches. ``SyncBatchNorm`` layers then run as local BatchNorm layers (their
+            averages are combined here, once, instead of at every batch).
+        timeout: seconds each rank waits for the others (default 30 minutes).
 
     Returns:
         The number of BatchNorm layers reset.
 
     Raises:
         MergeError: the model has no BatchNorm layer that tracks running statistics, or the
-            batches are empty.
+            batches are empty (on every rank).
+        DistributedError: in a distributed run, the ranks' models differ
+            (`RankMismatchError`), another rank failed (`RankFailedError`) or did not arrive
+            within ``timeout`` (`RankTimeoutError`).
 
     Examples:
         >>> import torch
@@ -199,22 +219,38 @@ def reset_batchnorm(
         >>> int(net[1].num_batches_tracked)
         4
     """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not norms:
-        raise MergeError(
-            f"{type(model).__name__} has no BatchNorm layer with running statistics to reset; "
-            "for a network without BatchNorm use repair()"
-        )
+    group = _dist.resolve_group(process_group)
+    step = "reset_batchnorm"
+    try:
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        if not norms:
+            raise MergeError(
+                f"{type(model).__name__} has no BatchNorm layer with running statistics to reset; "
+                "for a network without BatchNorm use repair()"
+            )
+        items: dict[str, Any] = {}
+        if group is not None:
+            items = {**_dist.model_items("model", model.state_dict()),
+                     "statistics": [(n, tuple(m.running_mean.shape)) for n, m in model.named_modules() if m in norms]}
+    except Exception as exc:
+        _dist.agree(group, f"{step} (before the data)", failure=exc, timeout=timeout)
+        raise
+    _dist.agree(group, f"{step} (before the data)", items, timeout=timeout, warn_only=("model bits",))
     modes = {m: m.training for m in model.modules()}
     momenta = [m.momentum for m in norms]
     device = _device_of(model)
     seen = 0
+    local = torch.distributed.is_available() and torch.distributed.is_initialized()
     try:
         model.eval()
         for m in norms:
             m.reset_running_stats()
             m.momentum = None
             m.train()
+            if local and isinstance(m, nn.SyncBatchNorm):
+                # a SyncBatchNorm would all-reduce every batch (and needs a GPU to): run it as
+                # the BatchNorm it is; the combination over ranks follows below
+                m.forward = types.MethodType(nn.modules.batchnorm._BatchNorm.forward, m)  # type: ignore[method-assign]
         with torch.no_grad():
             for batch in batches:
                 if max_batches is not None and seen >= max_batches:
@@ -222,14 +258,43 @@ def reset_batchnorm(
                 args, kwargs = batch_inputs(batch, inputs)
                 model(*_to(args, device), **_to(kwargs, device))
                 seen += 1
+    except Exception as exc:
+        _dist.agree(group, f"{step} (after the data)", failure=exc, timeout=timeout)
+        raise
     finally:
         for m, mom in zip(norms, momenta):
             m.momentum = mom
+            if "forward" in vars(m):
+                del m.forward
         for m, mode in modes.items():
             m.training = mode
+    if group is not None:
+        _dist.agree(group, f"{step} (after the data)", timeout=timeout)
+        seen = _combine_norms(norms, seen, group, timeout)
     if seen == 0:
-        raise _empty("reset_batchnorm")
+        raise _empty("reset_batchnorm" + (" (on every rank)" if group is not None else ""))
     return len(norms)
+
+
+def _combine_norms(norms: list[nn.Module], seen: int, group: Any, timeout: float | timedelta | None) -> int:
+    """Combine every rank's cumulative averages: a layer that averaged ``k_r`` batches on
+    rank ``r`` gets ``Σ k_r·avg_r / Σ k_r`` (the average of all the batches' statistics),
+    and ``num_batches_tracked = Σ k_r``. Returns the total number of batches."""
+    sums: list[torch.Tensor] = [torch.tensor([float(seen)], dtype=torch.float64)]
+    for m in norms:
+        k = float(m.num_batches_tracked)
+        sums += [torch.tensor([k], dtype=torch.float64, device=m.running_mean.device),
+                 m.running_mean.double() * k, m.running_var.double() * k]
+    _dist.all_reduce_sum(sums, group, timeout=timeout, what="reset_batchnorm (summing the statistics)")
+    with torch.no_grad():
+        for i, m in enumerate(norms):
+            k, mean, var = sums[1 + 3 * i], sums[2 + 3 * i], sums[3 + 3 * i]
+            total = float(k)
+            if total > 0:
+                m.running_mean.copy_(mean / total)
+                m.running_var.copy_(var / total)
+                m.num_batches_tracked.fill_(int(round(total)))
+    return int(sums[0])
 
 
 # -- REPAIR -----------------------------------------------------------------------------
@@ -557,6 +622,13 @@ class _Stats:
         self.ss = ss if self.ss is None else self.ss + ss
         self.n += flat.shape[0]
 
+    def tensors(self, channels: int, device: torch.device | None) -> list[torch.Tensor]:
+        """``[n, Σy, Σy²]`` in float64 (zeros when nothing was seen), to sum over ranks."""
+        if self.s is None or self.ss is None:
+            self.s = torch.zeros(channels, dtype=torch.float64, device=device)
+            self.ss = torch.zeros(channels, dtype=torch.float64, device=device)
+        return [torch.tensor([float(self.n)], dtype=torch.float64, device=self.s.device), self.s, self.ss]
+
     def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
         mean = self.s / self.n
         var = (self.ss / self.n - mean.square()).clamp_min(0.0)
@@ -574,6 +646,8 @@ def repair(
     max_batches: int | None = None,
     inputs: Callable[[Any], Any] | None = None,
     eps: float = 1e-5,
+    process_group: Any = None,
+    timeout: float | timedelta | None = None,
 ) -> RepairReport:
     """REPAIR (Jordan et al. 2023): give every interpolated unit the interpolated statistics.
 
@@ -613,17 +687,27 @@ def repair(
         spec: the `PermSpec` of the architecture, from `permgraph.infer` (it must carry
             its graph and traced program).
         alpha: the interpolation weight of B that ``model_interp`` was built with.
-        max_batches: read at most this many batches per model.
+        max_batches: read at most this many batches per model (per rank, in a distributed run).
         inputs: picks the model's inputs out of each batch (e.g. ``lambda b: b[0]``).
         eps: added to the variance before dividing by a standard deviation.
+        process_group: under ``torch.distributed``, each rank passes its own shard of the
+            batches; the per-channel sums of A, of B and of the interpolated model are summed
+            over the group (``None``: the default group when initialised; a
+            ``ProcessGroup``; ``False``: this rank's batches only), so every rank sets the same
+            parameters, those of one process on all the batches. `RepairReport.batches` is
+            then the total over the ranks.
+        timeout: seconds each rank waits for the others (default 30 minutes).
 
     Returns:
         A `RepairReport`: what was corrected, what was not and why.
 
     Raises:
-        MergeError: the spec has no graph (it was rebuilt from a dict), the batches are empty,
-            a batch has a single value per channel, or ``alpha`` is not finite.
+        MergeError: the spec has no graph (it was rebuilt from a dict), the batches are empty
+            (on every rank), a batch has a single value per channel, or ``alpha`` is not finite.
         SpecMismatchError: a model's state_dict does not match the spec.
+        DistributedError: in a distributed run, the ranks' specs, models or options differ
+            (`RankMismatchError`), another rank failed (`RankFailedError`) or did not arrive
+            within ``timeout`` (`RankTimeoutError`).
 
     Examples:
         >>> import torch, permgraph
@@ -639,20 +723,54 @@ def repair(
         >>> [(c.module, c.keys) for c in report.corrected]
         [('0', ('0.weight', '0.bias'))]
     """
-    a_ = _check_alpha(alpha)
-    if spec.graph is None or spec.traced is None:
-        raise MergeError(
-            "repair needs the spec's graph and traced program; this spec has none (it was loaded "
-            "from a dict or file). Infer it again with permgraph.infer(model, example_inputs)"
-        )
-    states = {}
-    for what, m in (("model_a", model_a), ("model_b", model_b), ("model_interp", model_interp)):
-        sd = m.state_dict()
-        spec.check_state_dict(sd, f"{what}.state_dict()")
-        states[what] = {k: v.detach() for k, v in sd.items()}
-    producers, skipped = _find_producers(spec)
+    group = _dist.resolve_group(process_group)
+    try:
+        a_ = _check_alpha(alpha)
+        if spec.graph is None or spec.traced is None:
+            raise MergeError(
+                "repair needs the spec's graph and traced program; this spec has none (it was loaded "
+                "from a dict or file). Infer it again with permgraph.infer(model, example_inputs)"
+            )
+        states = {}
+        for what, m in (("model_a", model_a), ("model_b", model_b), ("model_interp", model_interp)):
+            sd = m.state_dict()
+            spec.check_state_dict(sd, f"{what}.state_dict()")
+            states[what] = {k: v.detach() for k, v in sd.items()}
+        producers, skipped = _find_producers(spec)
+        items: dict[str, Any] = {}
+        if group is not None:
+            items = {"alpha": a_, "eps": float(eps), "spec": [(g.name, g.size) for g in spec.groups],
+                     "statistics": [(p.node, p.mask.numel()) for p in producers]}
+            for what, sd in states.items():
+                items.update(_dist.model_items(what, sd))
+    except Exception as exc:
+        _dist.agree(group, "repair (before the data)", failure=exc, timeout=timeout)
+        raise
+    _dist.agree(group, "repair (before the data)", items, timeout=timeout,
+                warn_only=[f"{what} bits" for what in states])
     report = RepairReport(a_, skipped=skipped)
     runner = _Runner(model_interp, spec, producers, inputs)
+
+    def reduce(stats: Mapping[str, _Stats], seen: int, device: torch.device | None, what: str) -> int:
+        """Sum the ranks' sums (after a handshake); the total number of batches."""
+        if group is None:
+            return seen
+        _dist.agree(group, f"repair ({what}, after the data)", timeout=timeout)
+        tensors = [torch.tensor([float(seen)], dtype=torch.float64)]
+        for p in producers:
+            tensors += stats[p.node].tensors(p.mask.numel(), device)
+        _dist.all_reduce_sum(tensors, group, timeout=timeout, what=f"repair ({what}, summing the statistics)")
+        for i, p in enumerate(producers):
+            st = stats[p.node]
+            st.n = int(round(float(tensors[1 + 3 * i])))
+        return int(tensors[0])
+
+    def guarded(fn: Callable[[], Any], what: str) -> Any:
+        try:
+            return fn()
+        except Exception as exc:
+            _dist.agree(group, f"repair ({what}, after the data)", failure=exc, timeout=timeout)
+            raise
 
     def measure(state: Mapping[str, torch.Tensor], device: torch.device | None, what: str) -> dict[str, _Stats]:
         stats = {p.node: _Stats() for p in producers}
@@ -664,14 +782,19 @@ def repair(
             return f
 
         hooks = {p.node: hook(p) for p in producers}
-        seen = 0
-        for batch in batches:
-            if max_batches is not None and seen >= max_batches:
-                break
-            runner.run(state, batch, hooks, device)
-            seen += 1
+
+        def stream() -> int:
+            seen = 0
+            for batch in batches:
+                if max_batches is not None and seen >= max_batches:
+                    break
+                runner.run(state, batch, hooks, device)
+                seen += 1
+            return seen
+
+        seen = reduce(stats, guarded(stream, what), device, what)
         if seen == 0:
-            raise _empty(f"repair ({what})")
+            raise _empty(f"repair ({what})" + (" (on every rank)" if group is not None else ""))
         report.batches = seen
         return stats
 
@@ -704,16 +827,21 @@ def repair(
                 return fixed.movedim(-1, ch)
             return f
 
-        seen = 0
         interp = states["model_interp"]
         hooks = {p.node: correcting(p) for p in producers}
-        for batch in batches:
-            if max_batches is not None and seen >= max_batches:
-                break
-            runner.run(interp, batch, hooks, _device_of(model_interp))
-            seen += 1
+
+        def stream_interp() -> int:
+            seen = 0
+            for batch in batches:
+                if max_batches is not None and seen >= max_batches:
+                    break
+                runner.run(interp, batch, hooks, _device_of(model_interp))
+                seen += 1
+            return seen
+
+        seen = reduce(stats_i, guarded(stream_interp, "model_interp"), _device_of(model_interp), "model_interp")
         if seen == 0:
-            raise _empty("repair (model_interp)")
+            raise _empty("repair (model_interp)" + (" (on every rank)" if group is not None else ""))
 
         new: dict[str, torch.Tensor] = {}
         for p in producers:

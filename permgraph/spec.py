@@ -14,17 +14,19 @@ A permutation is a dict ``group name -> int64 tensor p`` meaning "new unit ``u``
 
 from __future__ import annotations
 
+import copy
 import json
 import math
-from collections import Counter
+import warnings
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from permgraph.errors import PermutationError, SpecMismatchError, VerificationError
-from permgraph.trace import tensors_in
+from permgraph.errors import OracleArgumentError, PermutationError, RoundingWarning, SpecMismatchError, VerificationError
+from permgraph.trace import as_args, module_modes, tensors_in
 
 __all__ = ["Layout", "Member", "Group", "Unsupported", "PermSpec", "Permutation"]
 
@@ -166,6 +168,24 @@ class PermSpec:
         """A uniformly random permutation of every group."""
         return {g.name: torch.randperm(g.size, generator=generator) for g in self.groups}
 
+    def derangement(self, generator: torch.Generator | None = None) -> Permutation:
+        """A random permutation of every group that moves every unit (one cycle through all
+        of a group's units), so no unit of any group is left in place.
+
+        Examples:
+            >>> spec = PermSpec((Group("g", 5, (Member("w", 0),)),), shapes={"w": (5,)})
+            >>> p = spec.derangement(torch.Generator().manual_seed(0))["g"]
+            >>> bool((p != torch.arange(5)).all()), sorted(p.tolist())
+            (True, [0, 1, 2, 3, 4])
+        """
+        out = {}
+        for g in self.groups:
+            order = torch.randperm(g.size, generator=generator)
+            p = torch.empty(g.size, dtype=torch.int64)
+            p[order] = order.roll(-1)  # order[i] takes old unit order[i + 1]
+            out[g.name] = p
+        return out
+
     def inverse(self, perm: Mapping[str, torch.Tensor]) -> Permutation:
         """The inverse permutation: ``apply(inverse(p), apply(p, sd)) == sd``."""
         self.check_permutation(perm)
@@ -203,9 +223,18 @@ class PermSpec:
 
     # -- state dicts -------------------------------------------------------------------
     def check_state_dict(self, state_dict: Mapping[str, Any], what: str = "state_dict") -> None:
-        """Raise `SpecMismatchError` unless keys and shapes match the spec."""
+        """Raise `SpecMismatchError` unless keys and shapes match the spec.
+
+        Entries that are not tensors (the extra state of a module with ``get_extra_state``)
+        are allowed: they are not weights, and `apply` passes them through.
+
+        Raises:
+            SpecMismatchError: a key of the spec is missing, a tensor key is unknown, or a
+                shape differs.
+        """
         missing = [k for k in self.shapes if k not in state_dict]
-        extra = [k for k in state_dict if k not in self.shapes]
+        # non-tensor entries (a module's ``get_extra_state``) are no weights: they pass through
+        extra = [k for k in state_dict if k not in self.shapes and _is_weight(state_dict[k])]
         if missing or extra:
             raise SpecMismatchError(
                 f"{what} does not match the architecture of this spec: "
@@ -243,7 +272,17 @@ class PermSpec:
         """Permute a state_dict: a new dict, the input untouched.
 
         Tensors in no group pass through as they are; every member axis is gathered with its
-        group's permutation (new unit ``u`` = old unit ``perm[u]``).
+        group's permutation (new unit ``u`` = old unit ``perm[u]``). Entries that are not
+        tensors (extra state) pass through, and so does the state_dict's ``_metadata`` (the
+        per-module versions ``load_state_dict`` reads), so the result loads like the input.
+
+        Args:
+            perm: group name -> permutation (see the module docstring).
+            state_dict: a state_dict of the spec's architecture.
+            check: validate ``state_dict`` and ``perm`` first.
+
+        Returns:
+            A new ``OrderedDict``, in the input's key order, with the input's ``_metadata``.
 
         Raises:
             SpecMismatchError: the state_dict has missing, extra or mis-shaped keys.
@@ -252,7 +291,10 @@ class PermSpec:
         if check:
             self.check_state_dict(state_dict)
             self.check_permutation(perm)
-        out = dict(state_dict)
+        out: dict[str, Any] = OrderedDict(state_dict)
+        meta = getattr(state_dict, "_metadata", None)
+        if meta is not None:
+            out._metadata = copy.deepcopy(meta)  # type: ignore[attr-defined]
         keys = {m.key for g in self.groups for m in g.members}
         for key in keys:
             t = state_dict[key]
@@ -324,49 +366,106 @@ class PermSpec:
         *,
         perm: Mapping[str, torch.Tensor] | None = None,
         rtol: float = 1e-4,
+        atol: float | None = None,
         generator: torch.Generator | None = None,
+        draws: int = 2,
+        float64: bool = True,
     ) -> float:
-        """The oracle: permute every group at random and check the outputs do not change.
+        """The oracle: permute every group and check the outputs do not change.
 
-        Runs the model in eval mode with `functional_call` (the model is not
-        modified), each run from the same random seed (so a forward that draws noise, such
-        as a masked autoencoder's token masking, draws the same noise; the runs do not advance
-        torch's global random state). Returns the relative max error (``max|y - y'| / max|y|``).
+        Without ``perm`` it tries ``draws`` permutations: a derangement first (every unit of
+        every group moves, so no group can pass by being left in place) and then uniform
+        draws. Outputs are compared element by element, as ``torch.testing.assert_close``
+        does: ``|y' - y| <= atol + rtol * |y|`` for every element, with ``atol`` defaulting,
+        per output, to the smaller of ``assert_close``'s default for its dtype (``1e-5`` for
+        float32) and ``rtol`` times the output's mean magnitude; NaN and infinities are compared
+        by position (a NaN or an infinity where the reference has none fails), integer and
+        boolean outputs exactly.
+
+        The model is left as it was: it runs with `functional_call` on copies of its
+        parameters and every buffer (non-persistent ones too), in eval mode, each
+        submodule's mode restored afterwards; each run starts from the same random seed (a
+        forward that draws noise draws the same noise) and torch's global random state is not
+        advanced.
+
+        When a float32 (or half precision) check fails, it is re-run in float64 before any
+        group is blamed: very deep models amplify rounding chaotically, and a permutation
+        that only reorders sums then changes float32 outputs by O(1). If float64 agrees, the
+        spec passes, a `RoundingWarning` says so, and the float64 error is returned.
+
+        Args:
+            model: the model the spec was inferred from (or one of its architecture).
+            example_inputs: a Tensor, a tuple of positional or a dict of keyword arguments.
+            perm: check this permutation only, instead of the draws.
+            rtol: relative tolerance per element (> 0).
+            atol: absolute tolerance per element; default: the smaller of
+                ``assert_close``'s default for the output's dtype and ``rtol`` x its mean magnitude.
+            generator: the source of the draws.
+            draws: how many permutations to try without ``perm`` (>= 1).
+            float64: re-check a failure in float64 before blaming a group.
+
+        Returns:
+            The worst element-wise relative error over the draws,
+            ``max |y' - y| / (|y| + atol / rtol)``; the check passes when it is ``<= rtol``
+            (exactly the element-wise criterion above).
 
         Raises:
-            VerificationError: the error exceeds ``rtol``; the message names the culprit
-                groups, found by bisection over the groups, or says that the model's outputs
-                change between two runs with the same weights.
+            VerificationError: the outputs changed (``culprits`` names the groups, found by
+                bisection over the groups in the precision that failed), or the outputs change
+                between two runs with the same weights and seed (then nothing is blamed).
+            OracleArgumentError: ``rtol``, ``atol`` or ``draws`` out of range.
+            SpecMismatchError: the model's state_dict does not match the spec.
+            PermutationError: ``perm`` is not a permutation of every group.
         """
-        from permgraph.trace import as_args
-
+        if not (isinstance(rtol, (int, float)) and rtol > 0 and math.isfinite(rtol)):
+            raise OracleArgumentError(f"verify: rtol must be a positive number, got {rtol!r}")
+        if atol is not None and not (isinstance(atol, (int, float)) and atol >= 0 and math.isfinite(atol)):
+            raise OracleArgumentError(f"verify: atol must be a non-negative number or None, got {atol!r}")
+        if perm is None and not (isinstance(draws, int) and draws >= 1):
+            raise OracleArgumentError(f"verify: draws must be a positive integer, got {draws!r}")
         args, kwargs = as_args(example_inputs)
-        # a snapshot: a forward that updates buffers in place must not leak into later runs
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        self.check_state_dict(state, "model.state_dict()")
-        perm = self.random_permutation(generator) if perm is None else perm
-        self.check_permutation(perm)
-        was_training = model.training
+        full = model.state_dict()
+        self.check_state_dict(full, "model.state_dict()")
+        state = {k: v.detach() for k, v in full.items() if isinstance(v, torch.Tensor)}
+        if perm is not None:
+            self.check_permutation(perm)
+            perms = [dict(perm)]
+        else:
+            perms = [self.derangement(generator)] + [self.random_permutation(generator) for _ in range(draws - 1)]
+        # every tensor the forward can read or write: parameters, persistent and non-persistent buffers
+        own = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+        saved = {k: v.detach().clone() for k, v in own.items() if isinstance(v, torch.Tensor)}
+        extra = {k: v for k, v in saved.items() if k not in state}  # non-persistent buffers
+        modes = module_modes(model)
         model.eval()
+        cuda = sorted({t.device.index or 0 for t in saved.values() if t.device.type == "cuda"})
 
-        cuda = sorted({t.device.index or 0 for t in state.values() if t.device.type == "cuda"})
+        def runner(wide: bool) -> Callable[[Mapping[str, torch.Tensor]], list[torch.Tensor]]:
+            def run(sd: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+                fresh = {k: _widen(v) if wide else v.clone() for k, v in (dict(extra) | dict(sd)).items()}
+                a, kw = torch.utils._pytree.tree_map(_widen, (args, kwargs)) if wide else (args, kwargs)
+                with torch.random.fork_rng(devices=cuda), _default_dtype(torch.float64 if wide else None):
+                    torch.manual_seed(0)
+                    out = torch.func.functional_call(model, fresh, a, kw, tie_weights=False)
+                return [t.detach() for t in _flat_outputs(out)]
 
-        def run(sd: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-            fresh = {k: v.clone() for k, v in sd.items()}
-            with torch.random.fork_rng(devices=cuda):
-                torch.manual_seed(0)
-                return _flat_outputs(torch.func.functional_call(model, fresh, args, kwargs, tie_weights=False))
+            return run
+
+        def check(run, ref, p, names=None) -> float:
+            if names is not None:
+                p = self.identity() | {n: p[n] for n in names}
+            return _elementwise_error(ref, run(self.apply(p, state, check=False)), rtol, atol)
 
         try:
             with torch.no_grad():
-                ref = run(state)
-
-                def error(names: Sequence[str]) -> float:
-                    p = self.identity() | {n: perm[n] for n in names}
-                    return _rel_error(ref, run(self.apply(p, state, check=False)))
-
-                err = error(self.names)
-                if not err <= rtol and not (noise := _rel_error(ref, run(state))) <= rtol:
+                run32 = runner(False)
+                ref = run32(state)
+                errs = [check(run32, ref, p) for p in perms]
+                err = max(errs)
+                if err <= rtol:
+                    return err
+                noise = _elementwise_error(ref, run32(state), rtol, atol)
+                if not noise <= rtol:
                     raise VerificationError(
                         f"the model's outputs differ between two runs with the same weights and the same "
                         f"random seed (relative error {noise:.3g} > {rtol:g}), so verify cannot tell what a "
@@ -374,20 +473,39 @@ class PermSpec:
                         "no sampling, deterministic kernels), or raise rtol above that noise.",
                         error=noise,
                     )
-                if not err <= rtol:
-                    culprits = _bisect(self.names, lambda ns: not error(ns) <= rtol)
-                    raise VerificationError(
-                        f"permuting the groups changed the outputs (relative error {err:.3g} > {rtol:g}); "
-                        f"culprit group(s): {', '.join(culprits)}. Their members:\n  "
-                        + "\n  ".join(f"{n}: {', '.join(map(str, self[n].members[:6]))}" for n in culprits)
-                        + "\nThis is a bug in a rule (please report it with the model), or the model "
-                        "reads its parameters outside the traced forward.",
-                        culprits=tuple(culprits),
-                        error=err,
-                    )
+                failing = next(p for p, e in zip(perms, errs) if not e <= rtol)
+                run, base, where, note = run32, ref, "", ""
+                if float64 and any(t.is_floating_point() and t.dtype != torch.float64 for t in state.values()):
+                    try:
+                        run64 = runner(True)
+                        ref64 = run64(state)
+                        errs64 = [check(run64, ref64, p) for p, e in zip(perms, errs) if not e <= rtol]
+                    except Exception as exc:  # noqa: BLE001 - a model that cannot run in float64: blame in float32
+                        note = f" (the float64 re-check could not run: {type(exc).__name__}: {str(exc)[:200]})"
+                    else:
+                        if max(errs64) <= rtol:
+                            warnings.warn(
+                                f"verify: float32 outputs changed by {err:.3g} (relative) under the permutation, "
+                                f"but in float64 they agree to {max(errs64):.3g}: that is float32 rounding "
+                                "amplified by the model, not a wrong group. The spec passes.",
+                                RoundingWarning,
+                                stacklevel=2,
+                            )
+                            return max(errs64)
+                        run, base, where = run64, ref64, " in float64 too"
+                        err = max(errs64)
+                culprits = _bisect(self.names, lambda ns: not check(run, base, failing, ns) <= rtol)
+                raise VerificationError(
+                    f"permuting the groups changed the outputs{where} (relative error {err:.3g} > {rtol:g}){note}; "
+                    f"culprit group(s): {', '.join(culprits)}. Their members:\n  "
+                    + "\n  ".join(f"{n}: {', '.join(map(str, self[n].members[:6]))}" for n in culprits)
+                    + "\nThis is a bug in a rule (please report it with the model), or the model "
+                    "reads its parameters outside the traced forward.",
+                    culprits=tuple(culprits),
+                    error=err,
+                )
         finally:
-            model.train(was_training)
-        return err
+            _restore(model, own, saved, modes)
 
     # -- presentation ------------------------------------------------------------------
     def table(self, max_members: int = 4) -> str:
@@ -496,24 +614,102 @@ def missing_and_extra(missing: Sequence[str], extra: Sequence[str], missing_what
     return "; ".join(parts)
 
 
+def _is_weight(v: Any) -> bool:
+    return isinstance(v, torch.Tensor)
+
+
 def _flat_outputs(out: Any) -> list[torch.Tensor]:
     return tensors_in(out)
 
 
-def _rel_error(ref: list[torch.Tensor], got: list[torch.Tensor]) -> float:
+def _widen(x: Any) -> Any:
+    """A floating (or complex) tensor in double precision; anything else as it is."""
+    if isinstance(x, torch.Tensor):
+        if x.is_complex():
+            return x.detach().to(torch.complex128)
+        if x.is_floating_point():
+            return x.detach().to(torch.float64)
+        return x.detach().clone()
+    return x
+
+
+class _default_dtype:
+    """Context manager: torch's default dtype set to ``dtype`` (no change for None)."""
+
+    def __init__(self, dtype: torch.dtype | None) -> None:
+        self.dtype, self.before = dtype, torch.get_default_dtype()
+
+    def __enter__(self) -> None:
+        if self.dtype is not None:
+            torch.set_default_dtype(self.dtype)
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.set_default_dtype(self.before)
+
+
+def _restore(model: torch.nn.Module, own: Mapping[str, torch.Tensor], saved: Mapping[str, torch.Tensor],
+             modes: Mapping[torch.nn.Module, bool]) -> None:
+    """Put back every submodule's mode, and any parameter or buffer a forward changed."""
+    for m, flag in modes.items():
+        m.training = flag
+    with torch.no_grad():
+        for k, t in own.items():
+            s = saved.get(k)
+            if s is not None and not torch.equal(t.detach(), s):
+                t.detach().copy_(s)
+
+
+# torch.testing.assert_close's default absolute tolerances
+_ATOL = {torch.float16: 1e-5, torch.bfloat16: 1e-5, torch.float32: 1e-5, torch.float64: 1e-7}
+
+
+def _elementwise_error(ref: Sequence[torch.Tensor], got: Sequence[torch.Tensor], rtol: float, atol: float | None) -> float:
+    """The worst element-wise relative error ``max |b - a| / (|a| + atol / rtol)`` over
+    pairs of outputs, so it is ``<= rtol`` exactly when every element satisfies
+    ``|b - a| <= atol + rtol |a|``. ``atol`` defaults, per output, to the smaller of
+    ``torch.testing.assert_close``'s default for its dtype (``1e-5`` for float32) and
+    ``rtol`` x its mean magnitude (so outputs that are all tiny are still compared relatively).
+    NaN and infinities must sit at the same positions (infinities with the same sign), else
+    the error is infinite; so is any difference in shape, dtype kind, or an integer or
+    boolean value.
+
+    Examples:
+        >>> a = torch.tensor([1.0, 1e-3, float("nan")])
+        >>> _elementwise_error([a], [a.clone()], 1e-4, None)
+        0.0
+        >>> _elementwise_error([a], [torch.tensor([1.0, 1e-3, 0.0])], 1e-4, None)
+        inf
+    """
     if len(ref) != len(got):
         return math.inf
     worst = 0.0
     for a, b in zip(ref, got):
-        if a.shape != b.shape:
+        if a.shape != b.shape or a.is_floating_point() != b.is_floating_point() or a.is_complex() != b.is_complex():
             return math.inf
-        if not a.is_floating_point():
-            worst = max(worst, 0.0 if torch.equal(a, b) else math.inf)
+        if a.numel() == 0:
             continue
-        a64, b64 = a.double(), b.double()
-        scale = a64.abs().max().item() if a.numel() else 0.0
-        diff = (a64 - b64).abs().max().item() if a.numel() else 0.0
-        worst = max(worst, diff / max(scale, 1e-12))
+        if not (a.is_floating_point() or a.is_complex()):
+            if not torch.equal(a.cpu(), b.to(a.dtype).cpu()):
+                return math.inf
+            continue
+        if a.is_complex():
+            a, b = torch.view_as_real(a.to(torch.complex128)), torch.view_as_real(b.to(torch.complex128))
+        a64, b64 = a.detach().double(), b.detach().double()
+        fa, fb = torch.isfinite(a64), torch.isfinite(b64)
+        if not torch.equal(fa, fb) or not torch.equal(torch.isnan(a64), torch.isnan(b64)):
+            return math.inf
+        if not torch.equal(a64[torch.isinf(a64)], b64[torch.isinf(b64)]):
+            return math.inf
+        a64, b64 = a64[fa], b64[fb]
+        if a64.numel() == 0:
+            continue
+        tol = atol if atol is not None else min(_ATOL.get(a.dtype, 1e-5), rtol * float(a64.abs().mean()))
+        floor = tol / rtol
+        diff = (b64 - a64).abs()
+        if floor > 0:
+            worst = max(worst, float((diff / (a64.abs() + floor)).max()))
+        else:  # an all-zero reference with no absolute tolerance: any change is infinitely relative
+            worst = max(worst, math.inf if bool((diff > 0).any()) else 0.0)
     return worst
 
 

@@ -8,6 +8,7 @@ no tensor can be forgotten; every node carries its shape (``meta["val"]``) and m
 from __future__ import annotations
 
 import logging
+import operator
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 
 from permgraph.errors import TraceError
 
-__all__ = ["Traced", "trace", "as_args"]
+__all__ = ["Traced", "trace", "as_args", "functionalize", "module_modes"]
 
 ExampleInputs = Any  # a Tensor, a tuple of positional args, or a dict of keyword args
 
@@ -73,7 +74,8 @@ def _short(exc: BaseException, limit: int = 1200) -> str:
 
 
 def trace(model: torch.nn.Module, example_inputs: ExampleInputs) -> Traced:
-    """Export ``model`` (in eval mode; its mode is restored) on ``example_inputs``.
+    """Export ``model`` (in eval mode; every submodule's mode is restored) on
+    ``example_inputs``, then functionalize the program (see `functionalize`).
 
     Raises:
         TraceError: the model fails on the inputs, or ``torch.export`` cannot trace it; the
@@ -85,7 +87,7 @@ def trace(model: torch.nn.Module, example_inputs: ExampleInputs) -> Traced:
             "whose forward calls it, with its weights as parameters or buffers"
         )
     args, kwargs = as_args(example_inputs)
-    was_training = model.training
+    modes = module_modes(model)
     model.eval()
     t0 = time.perf_counter()
     # a failed export logs the fake-tensor traceback at ERROR level; the TraceError below says it better
@@ -112,8 +114,9 @@ def trace(model: torch.nn.Module, example_inputs: ExampleInputs) -> Traced:
                 "What to try: remove data-dependent Python control flow or .item() calls from "
                 "forward, pass Python flags as constants rather than inputs, or trace a submodule."
             ) from exc
+        program, note = functionalize(program)
     finally:
-        model.train(was_training)
+        _restore_modes(model, modes)
         fake_log.setLevel(level)
     seconds = time.perf_counter() - t0
 
@@ -159,7 +162,21 @@ def trace(model: torch.nn.Module, example_inputs: ExampleInputs) -> Traced:
         else:
             user_outputs.append(name)
     shapes = {k: tuple(int(s) for s in v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
-    return Traced(program, program.graph_module, params, not_in_state, user_inputs, user_outputs, mutations, shapes, seconds)
+    traced = Traced(program, program.graph_module, params, not_in_state, user_inputs, user_outputs, mutations, shapes, seconds)
+    if note:
+        traced.extra["functionalization"] = note
+    return traced
+
+
+def module_modes(model: torch.nn.Module) -> dict[torch.nn.Module, bool]:
+    """The ``training`` flag of every submodule (``train(flag)`` on the root would overwrite
+    submodules whose mode differs from it)."""
+    return {m: m.training for m in model.modules()}
+
+
+def _restore_modes(model: torch.nn.Module, modes: dict[torch.nn.Module, bool]) -> None:
+    for m, flag in modes.items():
+        m.training = flag
 
 
 def _export(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> ExportedProgram:
@@ -183,6 +200,113 @@ def _export_no_grad(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[
     # rather than an opaque ``wrap_with_set_grad_enabled`` sub-graph that would block its axes
     with torch.no_grad():
         return torch.export.export(model, args, kwargs, strict=False)
+
+
+def _mutates(target: Any) -> bool:
+    schema = getattr(target, "_schema", None)
+    return bool(schema is not None and getattr(schema, "is_mutable", False))
+
+
+def _aliases(target: Any) -> bool:
+    """Whether an op's result may share memory with an argument (a view, an in-place op)."""
+    schema = getattr(target, "_schema", None)
+    return schema is not None and any(r.alias_info is not None for r in schema.returns)
+
+
+def _twin(target: Any) -> Any:
+    """The functional twin of an in-place overload that writes its first argument only
+    (``aten.relu_.default`` -> ``aten.relu.default``), or None."""
+    schema = getattr(target, "_schema", None)
+    if not isinstance(target, torch._ops.OpOverload) or schema is None:
+        return None
+    name = schema.name.split("::", 1)[1]
+    args = schema.arguments
+    if not name.endswith("_") or name.endswith("__") or not args or args[0].alias_info is None \
+            or not args[0].alias_info.is_write or any(a.alias_info is not None and a.alias_info.is_write for a in args[1:]):
+        return None
+    packet = getattr(getattr(torch.ops, target.namespace, None), name[:-1], None)
+    twin = getattr(packet, target._overloadname, None) if packet is not None else None
+    if twin is None or [a.name for a in twin._schema.arguments] != [a.name for a in args] or _aliases(twin):
+        return None
+    return twin
+
+
+def _rewrite_fresh_in_place(gm: torch.fx.GraphModule) -> bool:
+    """Functionalize the common case in the graph itself, cheaply: in-place ops (``relu_``,
+    ``add_``, ...) that write a tensor computed in forward which nothing else aliases (no
+    view of it, not a graph input or output) become their functional twins, and every later
+    reader reads the new value. Returns False, changing nothing, unless every in-place op of
+    the graph is of that kind (then `functionalize` runs torch's functionalization)."""
+    nodes = list(gm.graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    storage: dict[torch.fx.Node, torch.fx.Node] = {}  # in-place result -> the tensor it writes
+    plan = []
+    for n in nodes:
+        if n.op != "call_function" or not _mutates(n.target):
+            continue
+        twin = _twin(n.target)
+        base = n.args[0] if n.args else None
+        if twin is None or not isinstance(base, torch.fx.Node):
+            return False
+        base = storage.get(base, base)
+        fresh = base.op == "call_function" and not _aliases(base.target) and not _mutates(base.target) and (
+            base.target is not operator.getitem or not _aliases(base.args[0].target))
+        if not fresh:
+            return False
+        storage[n] = base
+        plan.append((n, twin, base))
+    members: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+    for n, base in storage.items():
+        members.setdefault(base, [base]).append(n)
+    for base, group in members.items():
+        for m in group:
+            for u in m.users:
+                if u.op == "output" or (u.op == "call_function" and u not in storage and _aliases(u.target)):
+                    return False  # a view or an output would see the write
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    new_of: dict[torch.fx.Node, tuple[Any, torch.fx.Node]] = {n: (twin, base) for n, twin, base in plan}
+    for n in nodes:
+        if n.op == "output":
+            continue
+        n.args = torch.fx.node.map_arg(n.args, lambda a: env.get(a, a))
+        n.kwargs = torch.fx.node.map_arg(n.kwargs, lambda a: env.get(a, a))
+        if n in new_of:
+            twin, base = new_of[n]
+            with gm.graph.inserting_before(n):
+                f = gm.graph.call_function(twin, n.args, n.kwargs)
+            f.meta = dict(n.meta)
+            for m in members[base]:
+                env[m] = f
+    for n in reversed(nodes):
+        if n in new_of:
+            n.replace_all_uses_with(env[n])
+            gm.graph.erase_node(n)
+    gm.graph.lint()
+    gm.recompile()
+    del order
+    return True
+
+
+def functionalize(program: ExportedProgram) -> tuple[ExportedProgram, str]:
+    """The program without in-place ops. A program with none is returned as it is; else
+    ``run_decompositions({})`` (an empty table) keeps
+    ``linear``, ``conv2d``, ``scaled_dot_product_attention`` and the other ops whole while
+    functionalizing it, so an in-place update becomes a fresh value and a buffer updated in
+    forward becomes an explicit ``BUFFER_MUTATION`` output.
+
+    Returns:
+        ``(program, note)``: the functional program, or the original one when torch cannot
+        functionalize it (then ``note`` says why; its in-place ops have no rule and block).
+    """
+    if not any(_mutates(n.target) for n in program.graph.nodes if n.op == "call_function"):
+        return program, ""  # functional already: nothing to do (and tracing again costs seconds)
+    if _rewrite_fresh_in_place(program.graph_module):
+        return program, ""
+    try:
+        with torch.no_grad():
+            return program.run_decompositions({}), ""
+    except Exception as exc:  # noqa: BLE001 - fall back to the graph as exported (sound: in-place ops block)
+        return program, f"functionalization failed, in-place ops are blocked: {_short(exc, 300)}"
 
 
 def tensors_in(obj: Any, seen: set[int] | None = None) -> list[torch.Tensor]:

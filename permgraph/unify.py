@@ -62,6 +62,7 @@ class Unifier:
         self._blocked: dict[int, str] = {}
         self._why: dict[int, list[str]] = {}
         self.conflicts: list[str] = []
+        self.conflict_vars: list[list[int]] = []  # the variables each conflict blocked
         self._final_blocked: set[int] | None = None
 
     # -- variables ---------------------------------------------------------------------
@@ -110,6 +111,7 @@ class Unifier:
             if self._size[rx] != self._size[ry]:
                 msg = f"{why}: sizes {self._size[rx]} and {self._size[ry]} cannot be tied"
                 self.conflicts.append(msg)
+                self.conflict_vars.append([rx, ry])
                 self.block(rx, msg)
                 self.block(ry, msg)
                 continue
@@ -222,6 +224,7 @@ class Unifier:
 
     def _conflict(self, vs: list[int], msg: str) -> None:
         self.conflicts.append(msg)
+        self.conflict_vars.append(list(vs))
         for v in vs:
             self.block(v, msg)
 
@@ -239,6 +242,28 @@ class Unifier:
             if t is not None:
                 stack.extend(t[1])
         self._final_blocked = blocked
+
+    def reachable(self, vs: list[int]) -> set[int]:
+        """The roots of ``vs`` and of every variable they are refined into, recursively.
+
+        Examples:
+            >>> u = Unifier()
+            >>> e, h, d = u.new(12), u.new(3), u.new(4)
+            >>> u.unify(e, u.term("prod", [h, d]), why="view")
+            >>> u.reachable([e]) == {u.find(e), u.find(h), u.find(d)}
+            True
+        """
+        out: set[int] = set()
+        stack = [self.find(v) for v in vs]
+        while stack:
+            r = self.find(stack.pop())
+            if r in out:
+                continue
+            out.add(r)
+            t = self._term.get(r)
+            if t is not None:
+                stack.extend(t[1])
+        return out
 
     def is_blocked(self, v: int) -> bool:
         assert self._final_blocked is not None, "call finish() first"

@@ -3,10 +3,21 @@ models are tiny, and the suite shares the machine)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# Property tests: the default profile is derandomized (the same examples every run, so CI is
+# reproducible); the long one draws new random examples each run and ten times as many
+# (run it with HYPOTHESIS_PROFILE=long pytest tests/test_properties.py).
+_COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("default", max_examples=25, derandomize=True, **_COMMON)
+settings.register_profile("long", max_examples=250, derandomize=False, **_COMMON)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 @pytest.fixture(autouse=True)

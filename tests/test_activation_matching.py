@@ -293,3 +293,16 @@ def test_cuda_models(mlp_pair) -> None:  # pragma: no cover - runs where a GPU i
     perm = activation_matching(spec, model, other, [torch.randn(256, 64) for _ in range(4)])
     aligned = spec.apply(perm, other.state_dict())
     assert all(v.device.type == "cuda" for v in aligned.values())
+
+
+def test_outside_torch_distributed_the_new_arguments_change_nothing(mlp_pair) -> None:
+    from permgraph.distributed import DistributedError
+
+    spec, a, b = mlp_pair
+    batches = _batches((32, 64), 3)
+    base = activation_matching(spec, a, b, batches)
+    local = activation_matching(spec, a, b, batches, process_group=False, timeout=5)
+    picked = activation_matching(spec, a, b, [(x, None) for x in batches], inputs=lambda p: p[0])
+    assert all(torch.equal(base[g], local[g]) and torch.equal(base[g], picked[g]) for g in base)
+    with pytest.raises(DistributedError, match="not initialised"):
+        activation_matching(spec, a, b, batches, process_group=object())

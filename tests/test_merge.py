@@ -185,6 +185,30 @@ def test_repair_errors() -> None:
         repair(mlp, other, mlp, [torch.randn(4, 3)], spec, 0.5)
 
 
+def test_outside_torch_distributed_the_new_arguments_change_nothing() -> None:
+    from permgraph.distributed import DistributedError
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    x = [torch.randn(16, 3) for _ in range(4)]
+    twin = copy.deepcopy(net)
+    reset_batchnorm(net, x)
+    reset_batchnorm(twin, x, process_group=False, timeout=5)
+    assert all(torch.equal(v, twin.state_dict()[k]) for k, v in net.state_dict().items())
+    with pytest.raises(DistributedError, match="not initialised"):
+        reset_batchnorm(net, x, process_group=object())
+    a, b = _pair(lambda: nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2)))
+    spec = permgraph.infer(a, x[0][:2])
+    merged = [copy.deepcopy(a) for _ in range(2)]
+    for m in merged:
+        m.load_state_dict(interpolate(a.state_dict(), b.state_dict(), 0.5))
+    repair(a, b, merged[0], x, spec, 0.5)
+    repair(a, b, merged[1], x, spec, 0.5, process_group=False, timeout=5)
+    assert all(torch.equal(v, merged[1].state_dict()[k]) for k, v in merged[0].state_dict().items())
+    with pytest.raises(DistributedError, match="not initialised"):
+        repair(a, b, merged[0], x, spec, 0.5, process_group=object())
+
+
 # -- BN reset and REPAIR on two BatchNorm CNNs trained on digits ---------------------------------
 
 def _cnn() -> nn.Module:

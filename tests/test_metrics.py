@@ -206,7 +206,8 @@ def test_fixed_points_against_the_identity_and_the_table() -> None:
     assert fp.overall == 2 / 7
     table = str(fp)
     assert "fixed points (against the identity): 2 of 7 units, 28.6%" in table
-    assert "a" in table and "50.0%" in table and "33.3%" in table  # b's chance level 1/3
+    rows = {line.split()[0]: line.split()[1:] for line in table.splitlines()[2:]}
+    assert rows == {"a": ["2", "4", "50.0%", "25.0%"], "b": ["0", "3", "0.0%", "33.3%"]}, table  # chance 1/n
     assert fp.to_dict()["groups"]["a"] == {"fixed": 2, "size": 4, "fraction": 0.5}
 
 

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 from tests.helpers import assert_sound
 
-SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+# The profile comes from tests/conftest.py: "default" (derandomized, 25 examples, the same
+# every run) or "long" (HYPOTHESIS_PROFILE=long: random, 10x the examples, new ones each run).
+SETTINGS = settings(max_examples=settings.default.max_examples)
+TRANSFORMER_SETTINGS = settings(max_examples=max(1, settings.default.max_examples // 2))
 
 ACTS = {
     "relu": F.relu,
@@ -313,7 +316,7 @@ class RandomTransformer(nn.Module):
         return self.head(self.norm(x))
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+@TRANSFORMER_SETTINGS
 @given(
     heads=st.sampled_from([2, 4]),
     head_dim=st.sampled_from([2, 3, 4]),

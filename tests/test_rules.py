@@ -1175,11 +1175,34 @@ def test_interpolate(fn):
 
 
 @pytest.mark.parametrize("drop", [nn.Dropout(0.5), nn.Dropout1d(0.2), nn.AlphaDropout(0.1)], ids=lambda m: type(m).__name__)
-def test_dropout(drop):
-    model = Around(drop)
+def test_dropout_modules_are_traced_in_eval_mode(drop):
+    """``infer`` traces in eval mode, where a dropout module is the identity; the model is
+    left in training mode, where it really drops (two calls differ)."""
+    model, x = Around(drop), _x(2, 5, 4)
     model.train()
-    spec = assert_sound(model, _x(2, 5, 4))
+    spec = permgraph.infer(model, x)
+    assert model.training and drop.training
+    with torch.no_grad():
+        assert not torch.equal(model(x), model(x))
     assert_structure(spec, [(8, HIDDEN)])
+    assert spec.verify(model, x) <= 1e-4 and model.training
+
+
+@pytest.mark.parametrize("drop", [
+    lambda h: F.dropout(h, 0.5, training=True),
+    lambda h: F.alpha_dropout(h, 0.1, training=True),
+], ids=["dropout", "alpha_dropout"])
+def test_dropout_in_training_mode_fixes_the_units_it_masks(drop):
+    """Functional dropout with ``training=True`` drops in eval mode too; its mask is drawn by
+    position, so the masked units stay put (reported), and the seeded oracle passes."""
+    model, x = Around(Lambda(drop)), _x(2, 5, 4)
+    model.eval()
+    with torch.no_grad():
+        assert not torch.equal(model(x), model(x))  # it really draws
+    spec = assert_sound(model, x, min_groups=0)
+    assert permuted_rows(spec, "a.weight") == 0
+    assert any("draws random values" in u.reason for u in spec.unsupported), spec.unsupported
+
 
 
 # --------------------------------------------------------------------------------------

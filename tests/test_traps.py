@@ -226,10 +226,17 @@ def test_tensor_inside_a_returned_object_is_an_output():
     assert permuted_rows(spec, "a.weight", 0) == 0 and permuted_rows(spec, "b.weight", 0) == 6
 
 
-def test_padding_the_channel_dim_blocks_it():
-    spec = assert_sound(Around(lambda h: F.pad(h, (1, 1)), h2=10), _x(5, 4), min_groups=0)
+def test_padding_the_channel_dim_by_copying_blocks_it():
+    spec = assert_sound(Around(lambda h: F.pad(h[:, None], (1, 1), mode="replicate")[:, 0], h2=10), _x(5, 4),
+                        min_groups=0)
     assert permuted_rows(spec, "a.weight", 0) == 0
     assert not groups_touching(spec, "b.weight", 1)
+
+
+def test_constant_padding_of_the_channel_dim_keeps_the_channels_and_fixes_the_pads():
+    spec = assert_sound(Around(lambda h: F.pad(h, (1, 1)), h2=10), _x(5, 4))
+    assert permuted_rows(spec, "a.weight", 0) == 8
+    assert permuted_rows(spec, "b.weight", 1) == 8  # columns 0 and 9 read the padding
 
 
 def test_conv_over_the_channel_axis_blocks_it():

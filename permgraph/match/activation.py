@@ -14,19 +14,26 @@ Attention heads: a head group whose units are blocks of a within-head group is m
 the joint units: the similarity of head ``i`` of A and head ``j`` of B is the best
 alignment of their within-head units (one small LAP per pair), the heads take the LAP of
 that, and the within-head group then matches given the heads.
+
+Data parallel: under ``torch.distributed`` (``torchrun``), each rank passes its own shard of
+the batches; the sums are added over the process group (``process_group=``) before any
+similarity is formed, so every rank solves the same LAPs and returns the same permutation,
+the one a single process gets on all the batches (see :mod:`permgraph.distributed`).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import torch
 from torch.export.graph_signature import InputKind
 
+from permgraph import distributed as _dist
 from permgraph import lap as _lap
 from permgraph.errors import PermGraphError
 from permgraph.match._common import MatchError, check_finite, check_spec
@@ -100,8 +107,10 @@ class ActivationStats:
         if xa.dtype not in (torch.float32, torch.float64):
             xa, xb = xa.float(), xb.float()
         if self.shift_a is None or self.shift_b is None:
-            self.shift_a = xa.mean(0, dtype=torch.float64)
-            self.shift_b = xb.mean(0, dtype=torch.float64)
+            # the shift exactly as subtracted (rounded to the data's dtype), so that the raw
+            # sums follow exactly from the shifted ones
+            self.shift_a = xa.mean(0, dtype=torch.float64).to(xa.dtype).to(torch.float64)
+            self.shift_b = xb.mean(0, dtype=torch.float64).to(xb.dtype).to(torch.float64)
         xa = xa - self.shift_a.to(xa.dtype)
         xb = xb - self.shift_b.to(xb.dtype)
         self.count += xa.shape[0]
@@ -110,6 +119,23 @@ class ActivationStats:
         self.sq_a += xa.square().sum(0, dtype=torch.float64)
         self.sq_b += xb.square().sum(0, dtype=torch.float64)
         self.cross += (xa.T @ xb).to(torch.float64)
+
+    def recentre(self, shift_a: torch.Tensor, shift_b: torch.Tensor) -> None:
+        """Express the sums about new shifts (float64, ``(n,)``), exactly up to rounding:
+        statistics gathered with different shifts (on different ranks) can then be added."""
+        zero = torch.zeros(self.n, dtype=torch.float64, device=self.device)
+        new_a = shift_a.to(device=self.device, dtype=torch.float64)
+        new_b = shift_b.to(device=self.device, dtype=torch.float64)
+        d_a = (self.shift_a if self.shift_a is not None else zero) - new_a
+        d_b = (self.shift_b if self.shift_b is not None else zero) - new_b
+        n = self.count
+        # Σ (x - new) = Σ (x - old) + n d, and likewise for the products
+        self.cross += d_a[:, None] * self.sum_b[None, :] + self.sum_a[:, None] * d_b[None, :] + n * d_a[:, None] * d_b[None, :]
+        self.sq_a += 2 * d_a * self.sum_a + n * d_a.square()
+        self.sq_b += 2 * d_b * self.sum_b + n * d_b.square()
+        self.sum_a += n * d_a
+        self.sum_b += n * d_b
+        self.shift_a, self.shift_b = new_a, new_b
 
     def similarity(self, method: str = "correlation") -> torch.Tensor:
         """The ``(n, n)`` similarity of A's unit ``u`` (row) and B's unit ``v`` (column), a
@@ -385,6 +411,9 @@ def activation_similarity(
     *,
     method: str = "correlation",
     progress: bool = False,
+    inputs: Callable[[Any], Any] | None = None,
+    process_group: Any = None,
+    timeout: float | timedelta | None = None,
 ) -> tuple[dict[tuple[str, ...], torch.Tensor], dict[str, int]]:
     """The activation similarities :func:`activation_matching` solves.
 
@@ -395,7 +424,13 @@ def activation_similarity(
         batches: an iterable of inputs, each a Tensor, a tuple of positional arguments or a
             dict of keyword arguments, like ``infer``'s ``example_inputs``.
         method: ``"correlation"``, ``"covariance"`` or ``"cosine"``.
-        progress: show a tqdm bar over the batches.
+        progress: show a tqdm bar over the batches (on rank 0 only, in a distributed run).
+        inputs: picks the model's inputs out of each batch (for ``(x, y)`` batches:
+            ``inputs=lambda b: b[0]``; see :func:`permgraph.data.pick`).
+        process_group: the ``torch.distributed`` group whose ranks' statistics are summed:
+            ``None`` (default) the default group when ``torch.distributed`` is initialised,
+            ``False`` none; see :func:`activation_matching`.
+        timeout: seconds each rank waits for the others (default 30 minutes).
 
     Returns:
         ``(similarities, sizes)``: accumulator key -> float64 CPU matrix, where a key is
@@ -406,25 +441,50 @@ def activation_similarity(
         MatchError: no batches, an unknown method, a spec without its traced graph, or a
             batch unlike the example inputs.
         SpecMismatchError: a model's state_dict does not match the spec, or holds NaN/inf.
+        DistributedError: in a distributed run, the ranks disagree, another rank failed, or
+            one did not arrive in time (:mod:`permgraph.distributed`).
     """
-    stats, sizes = _accumulate(spec, model_a, model_b, batches, method, progress)
+    stats, sizes = _accumulate(spec, model_a, model_b, batches, method, progress,
+                               inputs=inputs, process_group=process_group, timeout=timeout, call="activation_similarity")
     return {k: s.similarity(method) for k, s in stats.items()}, sizes
 
 
 def _accumulate(spec: PermSpec, model_a: torch.nn.Module, model_b: torch.nn.Module, batches: Iterable[Any],
-                method: str, progress: bool) -> tuple[dict[tuple[str, ...], ActivationStats], dict[str, int]]:
-    check_spec(spec)
-    if method not in METHODS:
-        raise MatchError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if spec.traced is None or spec.graph is None:
-        raise MatchError(
-            "this spec has no traced graph (it was loaded from a file?); activation matching runs the "
-            "graph: build the spec with permgraph.infer(model, example_inputs)"
-        )
-    if isinstance(batches, (torch.Tensor, dict)):
-        raise MatchError("batches must be an iterable of batches (e.g. a list or a DataLoader), not a single batch; wrap it: [batch]")
-    state_a, state_b = _check_models(spec, model_a, model_b)
-    plan, keys, missing = _plan(spec)
+                method: str, progress: bool, *, inputs: Callable[[Any], Any] | None = None, process_group: Any = None,
+                timeout: float | timedelta | None = None, call: str = "activation_matching",
+                options: Mapping[str, Any] | None = None,
+                precheck: Callable[[], Any] | None = None) -> tuple[dict[tuple[str, ...], ActivationStats], dict[str, int]]:
+    group = _dist.resolve_group(process_group)
+    rank, _ = _dist.rank_and_size(group)
+    try:  # every local check first; a failure here is told to the other ranks
+        if precheck is not None:
+            precheck()
+        check_spec(spec)
+        if method not in METHODS:
+            raise MatchError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        if spec.traced is None or spec.graph is None:
+            raise MatchError(
+                "this spec has no traced graph (it was loaded from a file?); activation matching runs the "
+                "graph: build the spec with permgraph.infer(model, example_inputs)"
+            )
+        if isinstance(batches, (torch.Tensor, dict)):
+            raise MatchError("batches must be an iterable of batches (e.g. a list or a DataLoader), not a single batch; wrap it: [batch]")
+        if inputs is not None and not callable(inputs):
+            raise MatchError(f"inputs must be a function of a batch (e.g. lambda b: b[0]), got {type(inputs).__name__}")
+        state_a, state_b = _check_models(spec, model_a, model_b)
+        plan, keys, missing = _plan(spec)
+        example = _signature([n.meta.get("val") for n in spec.traced.graph_module.graph.nodes
+                              if n.op == "placeholder" and n.name in spec.traced.user_inputs])
+        items: dict[str, Any] = {}
+        if group is not None:
+            items = {"method": method, **(options or {}),
+                     "spec": [(g.name, g.size) for g in spec.groups],
+                     **_dist.model_items("model_a", state_a), **_dist.model_items("model_b", state_b),
+                     "statistics": sorted(keys.items()), "inputs": example}
+    except Exception as exc:
+        _dist.agree(group, f"{call} (before the data)", failure=exc, timeout=timeout)
+        raise
+    _dist.agree(group, f"{call} (before the data)", items, timeout=timeout, warn_only=("model_a bits", "model_b bits"))
     if missing:
         warnings.warn(
             f"no value of the traced graph carries group(s) {', '.join(missing[:5])}: they keep the identity",
@@ -433,21 +493,25 @@ def _accumulate(spec: PermSpec, model_a: torch.nn.Module, model_b: torch.nn.Modu
     sizes = {g.name: g.size for g in spec.groups}
     device = _device(model_a)
     stats = {k: ActivationStats(n, device) for k, n in keys.items()}
-    example = _signature([n.meta.get("val") for n in spec.traced.graph_module.graph.nodes
-                          if n.op == "placeholder" and n.name in spec.traced.user_inputs])
     runners: dict[tuple[Any, ...], _Runner] = {}
     was = (model_a.training, model_b.training)
-    model_a.eval()
-    model_b.eval()
     bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(desc="activation matching", unit="batch", total=len(batches) if hasattr(batches, "__len__") else None)  # type: ignore[arg-type]
     seen = 0
     try:
+        model_a.eval()
+        model_b.eval()
+        if progress and rank == 0:
+            from tqdm.auto import tqdm
+
+            try:
+                total: int | None = len(batches)  # type: ignore[arg-type]
+            except TypeError:  # an iterable without a length (a generator, a Batches over one)
+                total = None
+            bar = tqdm(desc="activation matching", unit="batch", total=total)
         with torch.no_grad():
             for batch in batches:
+                if inputs is not None:
+                    batch = inputs(batch)
                 flat, canonical = _flatten(spec, batch)
                 sig = _signature(flat)
                 runner = runners.get(sig)
@@ -458,14 +522,51 @@ def _accumulate(spec: PermSpec, model_a: torch.nn.Module, model_b: torch.nn.Modu
                 seen += 1
                 if bar is not None:
                     bar.update(1)
+    except Exception as exc:
+        _dist.agree(group, f"{call} (after the data)", failure=exc, timeout=timeout)
+        raise
     finally:
         model_a.train(was[0])
         model_b.train(was[1])
         if bar is not None:
             bar.close()
+    if group is not None:
+        _dist.agree(group, f"{call} (after the data)", timeout=timeout)
+        seen = _reduce(stats, group, seen, timeout, call)
     if not seen:
-        raise MatchError("batches is empty: activation matching needs at least one batch of inputs")
+        raise MatchError("batches is empty: activation matching needs at least one batch of inputs"
+                         + (" (on every rank)" if group is not None else ""))
     return stats, sizes
+
+
+def _reduce(stats: Mapping[tuple[str, ...], ActivationStats], group: Any, seen: int,
+            timeout: float | timedelta | None, call: str) -> int:
+    """Sum every rank's statistics (in place) and return the total number of batches.
+
+    Each rank's sums are about its own shifts (its first batch's means): the ranks first
+    sum their counts and raw sums, every rank re-centres on the global means, then the
+    centred sums are added."""
+    order = sorted(stats)
+    first: list[torch.Tensor] = [torch.tensor([float(seen)], dtype=torch.float64)]
+    for k in order:
+        st = stats[k]
+        zero = torch.zeros(st.n, dtype=torch.float64, device=st.device)
+        ca = st.shift_a if st.shift_a is not None else zero
+        cb = st.shift_b if st.shift_b is not None else zero
+        first += [torch.tensor([st.count], dtype=torch.float64, device=st.device),
+                  st.sum_a + st.count * ca, st.sum_b + st.count * cb]
+    _dist.all_reduce_sum(first, group, timeout=timeout, what=f"{call} (summing counts and means)")
+    second: list[torch.Tensor] = []
+    for i, k in enumerate(order):
+        st = stats[k]
+        count, raw_a, raw_b = float(first[1 + 3 * i]), first[2 + 3 * i], first[3 + 3 * i]
+        total = max(count, 1.0)
+        st.recentre(raw_a / total, raw_b / total)
+        second += [st.sum_a, st.sum_b, st.sq_a, st.sq_b, st.cross]
+    _dist.all_reduce_sum(second, group, timeout=timeout, what=f"{call} (summing the statistics)")
+    for i, k in enumerate(order):
+        stats[k].count = float(first[1 + 3 * i])
+    return int(first[0])
 
 
 def _retrace(spec: PermSpec, model: torch.nn.Module, batch: Any, plan: Mapping[str, list[_Occurrence]]) -> Traced:
@@ -511,6 +612,9 @@ def activation_matching(
     method: str = "correlation",
     lap: str = "auto",
     progress: bool = False,
+    inputs: Callable[[Any], Any] | None = None,
+    process_group: Any = None,
+    timeout: float | timedelta | None = None,
 ) -> dict[str, torch.Tensor]:
     """Align B to A by matching activations (Git Re-Basin; Benzing et al. 2022).
 
@@ -527,7 +631,19 @@ def activation_matching(
         method: the similarity of two units: ``"correlation"`` (Pearson, default),
             ``"covariance"`` or ``"cosine"`` (Benzing et al.).
         lap: the LAP backend (see :func:`permgraph.lap.solve`).
-        progress: show a tqdm bar over the batches.
+        progress: show a tqdm bar over the batches (on rank 0 only, in a distributed run).
+        inputs: picks the model's inputs out of each batch: for a DataLoader of ``(x, y)``
+            pairs, ``inputs=lambda b: b[0]``; for dict batches, ``permgraph.data.pick("input_ids",
+            "attention_mask")``.
+        process_group: data parallelism over ``torch.distributed``. ``None`` (default):
+            when ``torch.distributed`` is initialised, each rank passes its own shard of the
+            batches and the statistics are summed over the default group, so every rank
+            returns the same permutation, the one of a single process on all the batches;
+            a ``ProcessGroup``: the same over that group; ``False``: keep the statistics of
+            this rank's batches only. Every rank of the group must make the call, with the same
+            spec, models and options (checked first).
+        timeout: seconds each rank waits for the others at each collective step (default
+            30 minutes: a fast rank waits there for the slowest shard).
 
     Returns:
         The permutation, group name -> int64 CPU tensor, such that ``spec.apply(perm,
@@ -540,6 +656,10 @@ def activation_matching(
         SpecMismatchError: a model's state_dict does not match the spec (the first
             mismatching key is named), or holds NaN/inf (the tensor is named).
         LapError: the LAP backend is unknown or not installed.
+        RankMismatchError: in a distributed run, the ranks passed different specs, models,
+            options or example inputs (raised on every rank).
+        RankFailedError: another rank failed (raised on the ranks that did not).
+        RankTimeoutError: some rank did not reach the same step within ``timeout``.
 
     Example:
         >>> import torch, permgraph
@@ -556,8 +676,15 @@ def activation_matching(
         >>> all(torch.allclose(aligned[k], v) for k, v in mlp.state_dict().items())
         True
     """
-    _lap._pick(2, lap)
-    stats, sizes = _accumulate(spec, model_a, model_b, batches, method, progress)
+    stats, sizes = _accumulate(spec, model_a, model_b, batches, method, progress, inputs=inputs,
+                               process_group=process_group, timeout=timeout, options={"lap": lap},
+                               precheck=lambda: _lap._pick(2, lap))
+    return _solve(spec, stats, sizes, method, lap)
+
+
+def _solve(spec: PermSpec, stats: Mapping[tuple[str, ...], ActivationStats], sizes: Mapping[str, int],
+           method: str, lap: str) -> dict[str, torch.Tensor]:
+    """The LAPs of :func:`activation_matching` on accumulated statistics."""
     sims = {k: s.similarity(method) for k, s in stats.items()}
     perm = {g.name: torch.arange(g.size) for g in spec.groups}
     total: dict[str, torch.Tensor] = {}

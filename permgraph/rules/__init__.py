@@ -251,42 +251,63 @@ def rule(*names: str) -> Callable[[Rule], Rule]:
 
 
 def op_name(target: Any) -> str:
-    """``"aten.add.Tensor"`` for ``torch.ops.aten.add.Tensor``; ``"operator.getitem"`` etc."""
-    if isinstance(target, torch._ops.OpOverload):
-        ns = target.namespace
-        pkt = target._schema.name.split("::", 1)[1]
-        return f"{ns}.{pkt}.{target._overloadname}"
-    mod = getattr(target, "__module__", None) or ""
-    mod = "operator" if mod in ("_operator", "operator") else mod
-    return f"{mod}.{getattr(target, '__name__', repr(target))}"
+    """``"aten.add.Tensor"`` for ``torch.ops.aten.add.Tensor``; ``"operator.getitem"`` etc.
+
+    Examples:
+        >>> import operator, torch
+        >>> op_name(torch.ops.aten.add.Tensor), op_name(operator.getitem)
+        ('aten.add.Tensor', 'operator.getitem')
+    """
+    try:
+        if isinstance(target, torch._ops.OpOverload):
+            ns = target.namespace
+            pkt = target._schema.name.split("::", 1)[1]
+            return f"{ns}.{pkt}.{target._overloadname}"
+        mod = getattr(target, "__module__", None) or ""
+        mod = "operator" if mod in ("_operator", "operator") else mod
+        return f"{mod}.{getattr(target, '__name__', None) or type(target).__name__}"
+    except Exception:  # noqa: BLE001 - an odd target (a proxy, a broken object) still gets a name
+        return f"<{type(target).__name__}>"
 
 
-def _inplace_base(packet: str) -> str | None:
-    """``aten.add_`` -> ``aten.add``: an in-place op acts like its functional twin on layouts."""
-    ns, _, base = packet.partition(".")
-    if base.endswith("_") and not base.endswith("__") and not base.startswith("_"):
-        return f"{ns}.{base[:-1]}"
-    return None
+def _mutates(target: Any) -> bool:
+    """Whether an op writes into one of its arguments (``add_``, ``index_fill_``, ``out=``
+    variants). The traced graph is functionalized, so these only reach the rules when torch
+    could not functionalize a program; they have no rule (their writes alias other values)."""
+    schema = getattr(target, "_schema", None)
+    return bool(schema is not None and getattr(schema, "is_mutable", False))
 
 
 def lookup(target: Any) -> Rule | None:
     """The rule for an fx call target: exact overload, then the op packet, then the
-    functional twin of an in-place op, then the pointwise rule for ops ATen tags pointwise."""
-    name = op_name(target)
-    if name in REGISTRY:
-        return REGISTRY[name]
-    packet = name.rsplit(".", 1)[0]
-    if packet in REGISTRY:
-        return REGISTRY[packet]
-    base = _inplace_base(packet)
-    if base is not None and isinstance(target, torch._ops.OpOverload):
-        if base in REGISTRY:
-            return REGISTRY[base]
-        twin = getattr(getattr(torch.ops, target.namespace), base.split(".", 1)[1], None)
-        if twin is not None and torch.Tag.pointwise in getattr(twin.default, "tags", ()):
+    random-op rule for ops ATen tags ``nondeterministic_seeded``, then the pointwise rule for
+    ops ATen tags pointwise. An op that writes into its arguments has no
+    rule (None: its axes are blocked and reported). Never raises: a target that cannot be
+    read has no rule either.
+
+    Examples:
+        >>> import torch
+        >>> lookup(torch.ops.aten.linear.default).__name__
+        '_linear'
+        >>> lookup(torch.ops.aten.mul_.Tensor) is None  # in-place: blocked, not guessed
+        True
+    """
+    try:
+        if _mutates(target):
+            return None
+        name = op_name(target)
+        if name in REGISTRY:
+            return REGISTRY[name]
+        packet = name.rsplit(".", 1)[0]
+        if packet in REGISTRY:
+            return REGISTRY[packet]
+        tags = getattr(target, "tags", ()) if isinstance(target, torch._ops.OpOverload) else ()
+        if torch.Tag.nondeterministic_seeded in tags:  # one policy for random ops (rules/elementwise.py)
+            return REGISTRY["<random>"]
+        if torch.Tag.pointwise in tags:
             return REGISTRY["<pointwise>"]
-    if isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags:
-        return REGISTRY["<pointwise>"]
+    except Exception:  # noqa: BLE001 - an unreadable target is an op without a rule
+        return None
     return None
 
 

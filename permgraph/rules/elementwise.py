@@ -1,21 +1,31 @@
-"""Element-wise ops: every input broadcasts against the output, dims tie one to one."""
+"""Element-wise ops: every input broadcasts against the output, dims tie one to one.
+
+Random ops follow one policy. A symmetry must hold for every draw, and a draw is made by
+position: the same seed puts the same noise (the same dropout mask) at the same position
+whatever the weights are, so moving the units moves them against their noise. So every op
+ATen tags ``nondeterministic_seeded`` (dropout in training mode, ``rand_like``, ``bernoulli``,
+``randperm``, RReLU in training mode, ...) fixes the axes of what it draws and of what the
+draw is applied to, and is reported in ``spec.unsupported``; this is what the seeded oracle
+(`PermSpec.verify`) checks. Dropout and RReLU that do not draw (eval mode, ``p = 0``) are
+element-wise. A random tensor read only for its shape (``randn_like(x)``) does not fix
+``x``.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-from permgraph.rules import Cat, Constraint, Free, OpCall, Tie, rule
-from permgraph.rules._util import broadcast, tie_all
+from permgraph.rules import Block, Cat, Constraint, Free, OpCall, Tie, rule
+from permgraph.rules._util import block_all, broadcast, tie_all
 
 # Ops that act element by element but that ATen does not tag ``pointwise``
 # (ops tagged pointwise reach ``_pointwise`` through `lookup`).
 _ELEMENTWISE = (
     "aten.hardswish", "aten.hardsigmoid", "aten.relu6", "aten.hardtanh", "aten.silu",
     "aten.mish", "aten.softplus", "aten.elu", "aten.selu", "aten.celu", "aten.gelu",
-    "aten.leaky_relu", "aten.rrelu", "aten.softshrink", "aten.hardshrink", "aten.threshold",
+    "aten.leaky_relu", "aten.softshrink", "aten.hardshrink", "aten.threshold",
     "aten.log_sigmoid", "aten.log_sigmoid_forward", "aten.clamp", "aten.clamp_min",
-    "aten.clamp_max", "aten.dropout", "aten.native_dropout", "aten.feature_dropout",
-    "aten.alpha_dropout", "aten.feature_alpha_dropout", "aten.clone", "aten.contiguous",
+    "aten.clamp_max", "aten.clone", "aten.contiguous",
     "aten.detach", "aten.alias", "aten.lift_fresh_copy", "aten._to_copy", "aten.to",
     "aten.type_as", "aten._to_dim_order_copy", "aten.copy", "aten.masked_fill",
     "aten.where", "aten.nan_to_num", "aten.lerp", "aten.addcmul", "aten.addcdiv",
@@ -58,3 +68,32 @@ def _glu(op: OpCall) -> Iterator[Constraint]:
             yield Tie(x.axis(d), Cat(out.axis(d), out.axis(d)), "glu: halves gate each other")
         else:
             yield Tie(x.axis(d), out.axis(d), "glu")
+
+
+def _draws(op: OpCall) -> bool:
+    """Whether a call of a random-tagged op actually draws (dropout and RReLU in eval mode,
+    or dropout with ``p = 0``, do not)."""
+    name = op.name.split(".")[1]
+    if "dropout" in name:
+        train = op.args.get("train", op.args.get("training", True))
+        return bool(train) and float(op.args.get("p", 0.5) or 0.0) > 0.0
+    if name.startswith("rrelu"):
+        return bool(op.args.get("training", False))
+    return True
+
+
+@rule("<random>")
+def _random(op: OpCall) -> Iterator[Constraint]:
+    """Ops tagged ``nondeterministic_seeded`` (see the module docstring)."""
+    if not _draws(op):
+        outs = op.outputs[:1] if "dropout" in op.name else op.outputs
+        yield from broadcast(op.inputs(), outs[0], f"{op.name.split('.')[1]} (not drawing)")
+        for extra in op.outputs[len(outs):]:  # native_dropout's mask: all ones
+            yield from (Free(a) for a in extra.axes)
+        return
+    why = f"{op.name.split('.')[1]} draws random values by position; the same seed puts the same draw at the same position"
+    if op.name.split(".")[1].endswith("_like") or op.name.startswith("aten.randperm"):
+        yield from (Free(a) for x in op.inputs() for a in x.axes)  # read for shape and dtype only
+    else:
+        yield from block_all(op.inputs(), why, report=True)
+    yield from block_all(op.outputs, why, report=True)

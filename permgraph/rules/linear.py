@@ -44,6 +44,25 @@ def einsum_ties(
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
+def unused_letters(equation: str, n: int) -> list[str]:
+    """``n`` single-character subscripts that ``equation`` does not use (an ellipsis must
+    never be spelled with a letter the equation already gives another meaning).
+
+    Examples:
+        >>> unused_letters("...B,A->...BA", 3)
+        ['C', 'D', 'E']
+    """
+    used = set(equation)
+    out: list[str] = []
+    code = ord("A")
+    while len(out) < n:
+        c = chr(code)
+        if c.isalpha() and c not in used:
+            out.append(c)
+        code += 1
+    return out
+
+
 def _matmul_subs(a: TensorValue, b: TensorValue) -> tuple[str, str, str]:
     """einsum subscripts of torch.matmul(a, b), batch dims broadcast from the right."""
     k, m, n = "K", "M", "N"
@@ -115,9 +134,9 @@ def _einsum(op: OpCall) -> Iterator[Constraint]:
     if not arrow:  # implicit output: the letters used once, in alphabetical order
         letters = "".join(subs).replace(".", "")
         rhs = ("..." if "..." in lhs else "") + "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
-    # spell out "..." with fresh upper-case letters, broadcast from the right
+    # spell out "..." with letters the equation does not use, broadcast from the right
     n_ell = max((x.ndim - len(sub.replace("...", "")) for sub, x in zip(subs, operands) if "..." in sub), default=0)
-    ell = "".join(chr(ord("A") + i) for i in range(n_ell))
+    ell = "".join(unused_letters(eq, n_ell))
     subs = [sub.replace("...", ell[n_ell - (x.ndim - len(sub.replace("...", ""))):]) for sub, x in zip(subs, operands)]
     rhs = rhs.replace("...", ell)
     yield from einsum_ties(subs, operands, rhs, op.out, f"einsum {eq}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 
-from permgraph.rules import Block, Constraint, Free, Fresh, OpCall, Prod, TensorValue, Tie, rule
+from permgraph.rules import Block, Cat, Constraint, Free, Fresh, OpCall, Prod, TensorValue, Tie, rule
 from permgraph.rules._util import block_all
 
 
@@ -157,15 +157,33 @@ def _max_unpool(op: OpCall) -> Iterator[Constraint]:
       "aten.reflection_pad3d", "aten.replication_pad1d", "aten.replication_pad2d",
       "aten.replication_pad3d", "aten.circular_pad1d", "aten.circular_pad2d", "aten.circular_pad3d")
 def _pad(op: OpCall) -> Iterator[Constraint]:
+    """Constant padding (negative amounts crop) adds units of one constant value before and
+    after the kept units of an axis: the kept units are a segment of both the input and the
+    output axis, and may move (a padded channel axis keeps its channel group); the added
+    units stay put. Reflection, replication and circular padding copy units by position:
+    their padded axes are blocked."""
     x, out = op.tensor("self") or op.tensor("input"), op.out
-    pad = list(op.args.get("pad") or op.args.get("padding"))
-    padded = {x.ndim - 1 - i // 2 for i, p in enumerate(pad) if int(p) != 0}
+    pad = [int(p) for p in (op.args.get("pad") or op.args.get("padding"))]
+    constant = op.name.startswith("aten.constant_pad_nd") or (
+        op.name.startswith("aten.pad") and op.args.get("mode", "constant") == "constant"
+    )
+    amounts = {x.ndim - 1 - i // 2: (pad[i], pad[i + 1] if i + 1 < len(pad) else 0) for i in range(0, len(pad), 2)}
     for d in range(x.ndim):
-        if d in padded:
+        lo, hi = amounts.get(d, (0, 0))
+        if lo == 0 and hi == 0:
+            yield Tie(x.axis(d), out.axis(d), "padding: unpadded dim")
+            continue
+        kept = x.shape[d] - max(-lo, 0) - max(-hi, 0)
+        if not constant or kept < 0 or out.shape[d] != kept + max(lo, 0) + max(hi, 0):
             yield Block(x.axis(d), "padding: positions are ordered")
             yield Block(out.axis(d), "padding: positions are ordered")
-        else:
-            yield Tie(x.axis(d), out.axis(d), "padding: unpadded dim")
+            continue
+        mid = Fresh(kept, f"kept {d}")
+        added = [Fresh(max(lo, 0), f"pad before {d}"), Fresh(max(hi, 0), f"pad after {d}")]
+        yield Tie(x.axis(d), Cat(Fresh(max(-lo, 0), f"cropped before {d}"), mid, Fresh(max(-hi, 0), f"cropped after {d}")),
+                  f"constant padding of dim {d}: kept units")
+        yield Tie(out.axis(d), Cat(added[0], mid, added[1]), f"constant padding of dim {d}: kept units")
+        yield from (Block(a, "padding: the padded positions hold a constant") for a in added if a.size)
 
 
 # Tensors whose values are the same everywhere: any permutation of their axes is harmless.
@@ -174,7 +192,7 @@ def _pad(op: OpCall) -> Iterator[Constraint]:
       "aten.new_empty", "aten.scalar_tensor", "aten.fill", "aten.zero", "aten.empty_strided",
       "aten.empty_permuted", "aten.new_empty_strided", "aten._assert_tensor_metadata")
 def _constant(op: OpCall) -> Iterator[Constraint]:
-    if op.name.startswith(("aten.fill", "aten.zero")):  # in-place fill_/zero_ return their input
+    if op.name.startswith(("aten.fill", "aten.zero")):  # fill(x, v) / zero(x): x read for its shape
         yield from (Free(a) for x in op.inputs() for a in x.axes if x.value != op.out.value)
     else:
         yield from (Free(a) for x in op.inputs() for a in x.axes)  # read for shape/dtype only
@@ -194,9 +212,9 @@ def _triangle(op: OpCall) -> Iterator[Constraint]:
 
 
 
-@rule("aten.arange", "aten.linspace", "aten.logspace", "aten.eye", "aten.randn", "aten.rand",
-      "aten.randint", "aten.randn_like", "aten.rand_like", "aten.randint_like", "aten.randperm")
+@rule("aten.arange", "aten.linspace", "aten.logspace", "aten.eye")
 def _varying(op: OpCall) -> Iterator[Constraint]:
-    """New tensors whose values differ along their axes (ranges, random draws): they stay put."""
+    """New tensors whose values differ along their axes (ranges): they stay put. Random
+    draws follow the random-op policy (see `permgraph.rules.elementwise`)."""
     yield from (Free(a) for x in op.inputs() for a in x.axes)  # read for shape/dtype only
     yield from block_all(op.outputs, f"{op.name}: values depend on position")

@@ -197,8 +197,13 @@ def _slice(op: OpCall) -> Iterator[Constraint]:
             if d != dim:
                 yield Tie(x.axis(d), out.axis(d), "slice: other dims")
         m = out.shape[dim]
-        if start < step and n == m * step:  # x[start::step]: position start of each run of step
-            yield Tie(x.axis(dim), Prod(out.axis(dim), Fresh(step, "phase")), f"slice every {step} from {start} of {n}")
+        # the picks start + i * step (i < m) sit at phase k of m runs of `step` positions that
+        # begin at start - k; any k in [0, step) that keeps the runs inside the axis will do
+        k = max(0, start + m * step - n)
+        if m > 0 and m * step <= n and k <= min(start, step - 1):
+            s0 = start - k
+            runs = Cat(Fresh(s0, "before"), Prod(out.axis(dim), Fresh(step, "phase")), Fresh(n - s0 - m * step, "after"))
+            yield Tie(x.axis(dim), runs, f"slice every {step} from {start} of {n}")
             yield Block(Fresh(step, "phase"), f"slice every {step} from {start}, picks one position of every {step}")
         else:
             yield Block(x.axis(dim), f"slice every {step} from {start} of {n}, positions are picked by order")
@@ -288,3 +293,71 @@ def _index(op: OpCall) -> Iterator[Constraint]:
         yield Block(out.axis(len(before) + k), "index: picked positions")
     for j, d in enumerate(after):
         yield Tie(x.axis(d), out.axis(len(before) + n_bcast + j), "index: dims after the indexed ones")
+
+
+@rule("aten.index_fill", "aten.index_copy", "aten.index_add")
+def _index_write(op: OpCall) -> Iterator[Constraint]:
+    """``index_fill / index_copy / index_add`` write at the positions ``index`` names along
+    ``dim`` (blocked: they are picked by position); every other dim pairs the input, the
+    written ``source`` and the output element by element."""
+    x, out, idx = op.tensor("self"), op.out, op.tensor("index")
+    dim = norm_dim(int(op.args["dim"]), x.ndim) if x.ndim else 0
+    why = op.name.split(".")[1]
+    if idx is not None:
+        yield from (Block(a, f"{why}: indices") for a in idx.axes)
+    source = op.tensor("source")
+    value = op.tensor("value")
+    if value is not None:
+        yield from (Free(a) for a in value.axes)  # a 0-dim fill value
+    for t in [x] + ([source] if source is not None else []):
+        if t.ndim != out.ndim:
+            yield from (Block(a, f"{why}: unexpected rank", True) for a in t.axes + out.axes)
+            continue
+        for d in range(t.ndim):
+            if d == dim:
+                yield Block(t.axis(d), f"{why}: positions along dim {d} are picked by index")
+            else:
+                yield Tie(t.axis(d), out.axis(d), f"{why}: other dims")
+    if out.ndim:
+        yield Block(out.axis(dim), f"{why}: positions along dim {dim} are picked by index")
+
+
+@rule("aten.slice_scatter")
+def _slice_scatter(op: OpCall) -> Iterator[Constraint]:
+    """``out = self`` with positions ``start:end`` (step 1) along ``dim`` replaced by ``src``
+    (what ``x[:, a:b] = y`` becomes in a functional graph): the kept positions of ``self``
+    and the written ones of ``src`` are segments of ``out``; a strided write blocks."""
+    x, src, out = op.tensor("self"), op.tensor("src"), op.out
+    dim = norm_dim(int(op.args.get("dim", 0)), x.ndim)
+    n, m = x.shape[dim], src.shape[dim]
+    start = op.args.get("start")
+    start = 0 if start is None else int(start)
+    start = min(max(start + n if start < 0 else start, 0), n)
+    step = int(op.args.get("step") or 1)
+    for t in (x, src):
+        for d in range(t.ndim):
+            if d != dim:
+                yield Tie(t.axis(d), out.axis(d), "slice_scatter: other dims")
+    if step != 1 or start + m > n:
+        yield from (Block(a, f"slice_scatter every {step}: positions are written by order") for a in
+                    (x.axis(dim), src.axis(dim), out.axis(dim)))
+        return
+    before, after = Fresh(start, "before"), Fresh(n - start - m, "after")
+    yield Tie(x.axis(dim), Cat(before, Fresh(m, "overwritten"), after), f"slice_scatter {start} to {start + m} of {n}")
+    yield Tie(out.axis(dim), Cat(before, src.axis(dim), after), f"slice_scatter {start} to {start + m} of {n}")
+
+
+@rule("aten.select_scatter")
+def _select_scatter(op: OpCall) -> Iterator[Constraint]:
+    """``out = self`` with index ``index`` along ``dim`` replaced by ``src`` (which lacks
+    ``dim``): the other positions are kept, the written one stays put."""
+    x, src, out = op.tensor("self"), op.tensor("src"), op.out
+    dim = norm_dim(int(op.args["dim"]), x.ndim)
+    n = x.shape[dim]
+    i = int(op.args["index"])
+    i = i + n if i < 0 else i
+    before, after = Fresh(i, "before"), Fresh(n - i - 1, "after")
+    yield Tie(x.axis(dim), Cat(before, Fresh(1, "overwritten"), after), f"select_scatter index {i} of {n}")
+    yield Tie(out.axis(dim), Cat(before, Fresh(1, "written"), after), f"select_scatter index {i} of {n}")
+    yield from (Tie(x.axis(d), out.axis(d), "select_scatter: other dims") for d in range(x.ndim) if d != dim)
+    yield from tie_except(out, src, {dim}, "select_scatter: other dims")
