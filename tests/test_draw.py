@@ -415,3 +415,20 @@ def test_every_zoo_dot_text_is_valid_for_graphviz(tiny):
     spec = _spec("gpt2")
     for d in (draw(spec), draw(spec, fold=True), draw(spec, module="transformer.h.0"), draw(tiny, rankdir="LR")):
         assert "<svg" in d.svg()
+
+
+def test_cli_inspect_draws_one_region(tmp_path, capsys) -> None:
+    pytest.importorskip("torchvision")
+    from permgraph.cli import main
+
+    out = tmp_path / "r.dot"
+    assert main(["inspect", "torchvision.models:resnet18", "--input-shape", "1,3,32,32", "--draw", str(out),
+                 "--module", "layer2"]) == 0
+    assert f"drawing: {out}" in capsys.readouterr().out
+    text = out.read_text()
+    assert text.startswith("digraph permgraph {") and 'pg_module="layer2.0.conv1"' in text
+    assert 'pg_module="layer3.0.conv1"' not in text
+    assert main(["inspect", "torchvision.models:resnet18", "--draw", str(tmp_path / "r.jpg")]) == 2
+    assert "jpg" in capsys.readouterr().err
+    assert main(["inspect", "torchvision.models:resnet18", "--module", "layer2"]) == 2
+    assert "add --draw" in capsys.readouterr().err
