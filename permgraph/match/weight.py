@@ -23,8 +23,17 @@ visit to visit, with the permutations each member's term was computed under; a v
 for each member whose other axes were re-gathered since, the change of its term only:
 ``A_J · (B_new,J - B_old,J)ᵀ`` over the positions ``J`` that moved when one other axis
 changed (after the first sweeps a neighbour's new permutation moves a tenth of its units or
-fewer), the whole ``A_m · (B_new - B_old)ᵀ`` otherwise. Tensors stay on their device; only the
-LAP runs on the host, on a float64 copy of ``-S_g``.
+fewer), the whole ``A_m · (B_new - B_old)ᵀ`` otherwise. Products run on the compute device;
+only the LAP runs on the host, on a float64 copy of ``-S_g``.
+
+**Streaming.** Neither model is held whole: ``state_a`` and ``state_b`` may be lazy mappings
+(a memory-mapped `permgraph.checkpoint.Checkpoint`), read one tensor at a time. Gathers run
+on the stored tensor in its stored dtype (exact), and only the gathered piece is converted to
+the compute dtype; a member of more than `CHUNK` elements is multiplied in pieces along its
+largest other axis. What is kept between visits (every ``S_g``, and A's member matrices) stays
+within ``max_memory``: member matrices are dropped first, then the least recently used
+``S_g``, which its group's next visit rebuilds in full. The result does not depend on the
+budget beyond float rounding.
 """
 
 from __future__ import annotations
@@ -208,7 +217,7 @@ class _Budget:
         self.peak = max(self.peak, self.total)
 
 
-def _cost(t: torch.Tensor, owner: torch.Tensor | None) -> int:
+def _held_bytes(t: torch.Tensor, owner: torch.Tensor | None) -> int:
     """Bytes that keeping ``t`` holds beyond the caller's own tensor ``owner``."""
     if owner is not None and t.device == owner.device and (
             t.untyped_storage().data_ptr() == owner.untyped_storage().data_ptr()):
@@ -358,7 +367,7 @@ class _Problem:
             t = src if piece is None else src.narrow(piece[0], piece[1], piece[2] - piece[1])
             hit = self.a.compute(key, gather_units(t, axis, lay))
             if tag is not None and piece is None:
-                self.budget.put(("A", tag), hit, _cost(hit, src), cheap=True)
+                self.budget.put(("A", tag), hit, _held_bytes(hit, src), cheap=True)
         return hit
 
     def _pieces(self, key: str, axis: int) -> list[tuple[int, int, int] | None]:
