@@ -7,6 +7,10 @@ folder's ``config.json``, or from ``--model MODULE:CALLABLE`` (e.g. ``torchvisio
 with an example input (``--input-shape``, ``--input-name``, ``--kwarg``, or ``--data``). Outputs are
 written with ``--out`` (a folder, or a ``.safetensors`` file), permutations with ``--perm-out``. A named
 error prints one line and exits with status 2.
+
+Under ``torchrun --nproc_per_node N -m permgraph align|merge|export ...``, each rank reads its share
+of ``--data`` (batch ``i`` to rank ``i % N``) and the statistics of activation matching, BatchNorm
+reset and REPAIR are summed over the ranks (`permgraph.distributed`); only rank 0 writes and prints.
 """
 
 from __future__ import annotations
@@ -241,7 +245,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from permgraph.checkpoint import return_freed_memory
 
     return_freed_memory()
+    distributed = False
     try:
+        if args.command in ("align", "merge", "export"):  # under torchrun: one rank of several
+            from permgraph.distributed import init_from_env, is_main_process
+
+            distributed = init_from_env()
+        args.main_rank = not distributed or is_main_process()
+        if not args.main_rank:
+            args.quiet = True
         return int(args.func(args))
     except PermGraphError as exc:
         print(f"permgraph {args.command}: error: {exc}", file=sys.stderr)
@@ -250,6 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
+    finally:
+        if distributed:
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -77,14 +77,17 @@ def _arch(args: argparse.Namespace, paths: list[str], x: torch.Tensor | None = N
                          "or --data.)") from exc
 
 
-def _batches(arch: Architecture, x: torch.Tensor, batch_size: int) -> list[Any]:
-    """``x`` in batches, each passed to the model as its example input was."""
+def _batches(arch: Architecture, x: torch.Tensor, batch_size: int) -> Any:
+    """``x`` in batches, each passed to the model as its example input was; under torchrun,
+    this rank's share (batch ``i`` to rank ``i % world``: the statistics are summed over ranks)."""
+    from permgraph.data import batches
+
     chunks = [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
     if isinstance(arch.inputs, dict):
         name = next(k for k, v in arch.inputs.items() if isinstance(v, torch.Tensor))
         rest = {k: v for k, v in arch.inputs.items() if not isinstance(v, torch.Tensor)}
-        return [{name: c, **rest} for c in chunks]
-    return chunks
+        chunks = [{name: c, **rest} for c in chunks]
+    return batches(chunks)
 
 
 def _live_model(args: argparse.Namespace, arch: Architecture, state: Any) -> torch.nn.Module:
@@ -217,9 +220,15 @@ def inspect(args: argparse.Namespace) -> int:
 
 def align(args: argparse.Namespace) -> int:
     """``permgraph align A B --out OUT``: B aligned to A, streamed."""
+    if not args.main_rank and args.method == "weight":
+        return 0  # under torchrun, weight matching reads no data: rank 0 alone does it
     x = _data(args.data)[0] if args.data else None
     arch = _arch(args, [args.a, args.b], x)
     t0 = time.perf_counter()
+    if not args.main_rank:  # take part in activation matching's statistics; rank 0 writes
+        match_checkpoints(arch, method=args.method, progress=False, **_match_options(args),
+                          **_activation_inputs(args, arch, x))
+        return 0
     perm, hist = align_checkpoints(arch, args.out, method=args.method, perm_out=args.perm_out,
                                    **_match_options(args), **_activation_inputs(args, arch, x), **_write_options(args))
     wrote = f"B aligned to A written to {args.out}" + (f", permutation to {args.perm_out}" if args.perm_out else "")
@@ -265,11 +274,22 @@ def merge(args: argparse.Namespace) -> int:
     hist = None
     if args.perm:
         perm = load_permutation(args.perm, arch.spec)
+    elif args.method == "activation" or args.main_rank or args.reset_bn or args.repair:
+        # (under torchrun, activation matching and the corrections read every rank's data; weight
+        # matching reads none and is deterministic, so each rank that needs its result runs it)
+        perm, hist = match_checkpoints(arch, method=args.method, progress=not args.quiet and args.main_rank,
+                                       **_match_options(args), **_activation_inputs(args, arch, x))
     else:
-        perm, hist = match_checkpoints(arch, method=args.method, progress=not args.quiet, **_match_options(args),
-                                       **_activation_inputs(args, arch, x))
-    merge_checkpoints(arch, args.out, alpha=args.alpha, method=args.method, perm=perm,
-                      correct=_correction(args, arch, x, perm), **_write_options(args))
+        return 0  # under torchrun, rank 0 alone matches weights and writes
+    correct = _correction(args, arch, x, perm)
+    if not args.main_rank:  # take part in the correction's statistics; rank 0 writes
+        if correct is not None:
+            from permgraph.pipeline import interpolated
+
+            correct(interpolated(arch, perm, args.alpha))
+        return 0
+    merge_checkpoints(arch, args.out, alpha=args.alpha, method=args.method, perm=perm, correct=correct,
+                      **_write_options(args))
     if args.perm_out:
         save_permutation(args.perm_out, arch.spec, perm)
     fix = "BatchNorm reset" if args.reset_bn else "REPAIR" if args.repair else "none"
@@ -297,6 +317,8 @@ def export(args: argparse.Namespace) -> int:
     """``permgraph export A B --perm-out FILE``: the weight-matching permutation only."""
     from permgraph.io import save_permutation
 
+    if not args.main_rank:
+        return 0  # weight matching reads no data: under torchrun, rank 0 alone does it
     x = _data(args.data)[0] if args.data else None
     arch = _arch(args, [args.a, args.b], x)
     t0 = time.perf_counter()

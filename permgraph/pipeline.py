@@ -27,7 +27,7 @@ from permgraph.match.weight import DEFAULT_MAX_MEMORY
 from permgraph.spec import PermSpec
 
 __all__ = ["Architecture", "architecture", "match_checkpoints", "align_checkpoints", "merge_checkpoints",
-           "apply_to_checkpoint", "permuted"]
+           "apply_to_checkpoint", "permuted", "interpolated"]
 
 
 @dataclass
@@ -234,8 +234,6 @@ def merge_checkpoints(
     Returns:
         ``(perm, history)`` as for `align_checkpoints`.
     """
-    from permgraph.merge import interpolate
-
     if perm is None:
         perm, hist = match_checkpoints(arch, method=method, seed=seed, max_memory=max_memory, device=device,
                                        dtype=dtype, batches=batches, load_models=load_models, progress=progress)
@@ -243,12 +241,7 @@ def merge_checkpoints(
         arch.spec.check_permutation(perm)
         hist = None
     a, b = arch.checkpoints[0], arch.checkpoints[1]
-    aligned_b = permuted(arch.spec, perm, b)
-
-    def mixed(key: str) -> torch.Tensor:
-        return interpolate({key: a[key]}, {key: aligned_b(key)}, alpha)[key]
-
-    produce = mixed
+    produce = mixed = interpolated(arch, perm, alpha)
     if correct is not None:
         corrected = correct(mixed)
         ref = {k: d for k, d, _ in arch.entries(a)}
@@ -260,6 +253,20 @@ def merge_checkpoints(
                      progress=progress, metadata=_metadata(arch, a, operation="merge", a=a.path, b=b.path, method=method,
                                                            alpha=alpha))
     return dict(perm), hist
+
+
+def interpolated(arch: Architecture, perm: Mapping[str, torch.Tensor], alpha: float) -> Callable[[str], torch.Tensor]:
+    """``key -> (1 - alpha) * A[key] + alpha * P(B)[key]``, one tensor at a time (A and B the
+    first two checkpoints of ``arch``; as `permgraph.merge.interpolate`)."""
+    from permgraph.merge import interpolate
+
+    a = arch.checkpoints[0]
+    aligned_b = permuted(arch.spec, perm, arch.checkpoints[1])
+
+    def mixed(key: str) -> torch.Tensor:
+        return interpolate({key: a[key]}, {key: aligned_b(key)}, alpha)[key]
+
+    return mixed
 
 
 def apply_to_checkpoint(

@@ -297,3 +297,34 @@ def test_a_group_of_one_rank_reduces_nothing(tmp_path: Path) -> None:
             activation_matching(spec, a, b, data, process_group="world")
     finally:
         dist.destroy_process_group()
+
+
+def test_the_command_line_under_torchrun(tmp_path: Path) -> None:
+    """`torchrun -m permgraph align --method activation`: the ranks share the data, rank 0 alone
+    writes, and the permutation is the single process's."""
+    from safetensors.torch import save_file
+
+    from permgraph.cli import main
+    from permgraph.io import load_permutation
+
+    case = _case()
+    for name in ("a", "b"):
+        save_file(case[name], tmp_path / f"{name}.safetensors")
+    common = [str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), "--model", "permgraph.demo:make_mlp",
+              "--build-arg", f"widths={tuple(WIDTHS)}", "--data", "digits", "--method", "activation", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", "-m", "permgraph",
+           "align", *common, "--out", str(tmp_path / "two.safetensors"), "--perm-out", str(tmp_path / "two-perm.safetensors")]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"torchrun permgraph align did not finish within {LAUNCH_TIMEOUT} s (a hang):\n{exc.stderr}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("activation matching:") == 1  # rank 0 alone reports
+    assert main(["align", *common, "--out", str(tmp_path / "one.safetensors"),
+                 "--perm-out", str(tmp_path / "one-perm.safetensors")]) == 0
+    spec = permgraph.infer(mlp(WIDTHS), torch.randn(2, WIDTHS[0]))
+    two, one = (load_permutation(tmp_path / f"{n}-perm.safetensors", spec) for n in ("two", "one"))
+    assert _agreement(two, one) >= 0.99
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors", "one-perm.safetensors",
+                                                          "one.safetensors", "two-perm.safetensors", "two.safetensors"]
