@@ -215,9 +215,10 @@ def test_permuted_streams_what_apply_does(llama) -> None:
 
 def test_cli_inspect_align_merge_apply_on_folders(tmp_path: Path, llama, capsys) -> None:
     a, b, c, hidden = llama
-    assert main(["inspect", str(a)]) == 0
-    text = capsys.readouterr().out
-    assert "LlamaForCausalLM" in text and "groups" in text and "blocked ops: none" in text
+    assert main(["inspect", str(a), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["architecture"] == "LlamaForCausalLM" and shown["files"] == len(open_checkpoint(a).files)
+    assert [g["name"] for g in shown["groups"]] == architecture([a]).spec.names
 
     # B is A permuted: aligned B is A, bit for bit
     out = tmp_path / "aligned"
