@@ -173,47 +173,60 @@ class _Budget:
     """What weight matching keeps from visit to visit, within ``max_bytes``.
 
     Entries are similarity matrices (costly: a GEMM per member to rebuild) and *cheap* ones
-    (A's member matrices in the compute dtype: a gather to rebuild). When
-    the total passes the budget, cheap entries go first, then similarities, least recently
-    used first. An entry that is a view of a caller's tensor costs nothing.
+    (A's member matrices in the compute dtype: a gather to rebuild). When the total passes
+    the budget, cheap entries go first (least recently used first), then the similarities
+    worth least: the fewest flops to rebuild per byte kept, a newcomer losing ties. (Least
+    recently used would be the worst choice for similarities: the groups are visited in
+    cycles, so it drops each one just before its next visit.) An entry that is a view of a
+    caller's tensor costs nothing.
     """
 
     def __init__(self, max_bytes: int | None) -> None:
         self.max = max_bytes
-        self.items: dict[bool, OrderedDict[Any, tuple[Any, int]]] = {True: OrderedDict(), False: OrderedDict()}
+        self.cheap: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
+        self.costly: dict[Any, tuple[Any, int, float]] = {}
         self.total = 0
         self.peak = 0
         self.evictions = 0
 
     def get(self, key: Any, cheap: bool) -> Any:
-        items = self.items[cheap]
-        hit = items.get(key)
+        if not cheap:
+            hit = self.costly.get(key)
+            return None if hit is None else hit[0]
+        hit = self.cheap.get(key)
         if hit is None:
             return None
-        items.move_to_end(key)
+        self.cheap.move_to_end(key)
         return hit[0]
 
     def pop(self, key: Any, cheap: bool) -> Any:
         """Take an entry out (the caller works on it and puts it back)."""
-        hit = self.items[cheap].pop(key, None)
+        hit = (self.cheap if cheap else self.costly).pop(key, None)
         if hit is None:
             return None
         self.total -= hit[1]
         return hit[0]
 
-    def put(self, key: Any, value: Any, cost: int, cheap: bool) -> None:
-        """Keep ``value`` (unless it alone passes the budget), dropping others to make room."""
+    def put(self, key: Any, value: Any, cost: int, cheap: bool, worth: float = 0.0) -> None:
+        """Keep ``value`` (``worth``: rebuild flops per byte, for a costly entry) if the
+        budget allows, dropping others to make room."""
         if self.max is not None and cost > self.max:
             return
-        self.items[cheap][key] = (value, cost)
+        if cheap:
+            self.cheap[key] = (value, cost)
+        else:
+            self.costly[key] = (value, cost, worth)
         self.total += cost
-        for pool in (self.items[True], self.items[False]):
-            while self.max is not None and self.total > self.max:
-                old = next((k for k in pool if k != key), None)
-                if old is None:
-                    break
-                self.total -= pool.pop(old)[1]
-                self.evictions += 1
+        while self.max is not None and self.total > self.max:
+            old = next((k for k in self.cheap if k != key), None)
+            if old is not None:
+                self.total -= self.cheap.pop(old)[1]
+            elif cheap:
+                break  # only the newcomer and costly entries are left: keep those
+            else:
+                victim = min(self.costly, key=lambda k: (self.costly[k][2], k != key))
+                self.total -= self.costly.pop(victim)[1]
+            self.evictions += 1
         self.peak = max(self.peak, self.total)
 
 
@@ -303,6 +316,10 @@ class _Problem:
                         mem.bucket = 1
                         break
         self.partners = [sorted({n.inner for n in nests}) for nests in self.nests]
+        # rebuilding S_g costs 2 n² rest flops per member and keeping it 4 n² bytes: its worth
+        # per byte is the members' summed rest
+        self.worth = [float(sum(math.prod(self.shapes[m.key]) // self.sizes[gi] for m in self.members[gi]))
+                      for gi in range(n_groups)]
         # tensors on which one group acts along two axes: the objective is quadratic in it
         # there, so a step's gain is recomputed rather than read off S
         self.quadratic = [False] * n_groups
@@ -451,7 +468,8 @@ class _Problem:
                     self._product(s, mem, idx, mem.used, hist)
                     hist.products += 1
             mem.used = idx
-        self.budget.put(("S", gi), s, sum(t.untyped_storage().nbytes() for t in s if t is not None), cheap=False)
+        self.budget.put(("S", gi), s, sum(t.untyped_storage().nbytes() for t in s if t is not None), cheap=False,
+                        worth=self.worth[gi])
         return s
 
     def cost(self, gi: int, perm: list[torch.Tensor], hist: WeightMatchingHistory, plain_only: bool = False) -> torch.Tensor:
