@@ -451,6 +451,42 @@ def test_verify_restores_every_buffer_and_every_mode():
     assert model.training and not model.bn.training
 
 
+class Caches(nn.Module):
+    """Caches a tensor derived from its weights in eval mode and drops it in ``train()``,
+    as timm's LeViT does with its attention biases."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.cache = {}
+        return self
+
+    def scale(self) -> torch.Tensor:
+        if self.training:
+            return self.a.bias * 2
+        if "s" not in self.cache:
+            self.cache["s"] = self.a.bias * 2
+        return self.cache["s"]
+
+    def forward(self, x):
+        return self.b(F.relu(F.linear(x, self.a.weight) + self.scale()))
+
+
+@pytest.mark.filterwarnings("ignore:The tensor attribute")  # torch.export notes the cache it sees filled
+def test_a_module_caching_derived_weights_verifies_and_is_left_clean():
+    model, x = Caches().eval(), _x(5, 4)
+    spec = permgraph.infer(model, x)
+    assert spec.verify(model, x) <= 1e-4
+    assert model.cache == {}  # nothing derived from the permuted copies is left behind
+    with pytest.raises(VerificationError):
+        _drop(spec, "a", "a.bias").verify(model, x)
+    assert model.cache == {}
+
+
 class WithExtraState(nn.Module):
     def __init__(self):
         super().__init__()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from permgraph.rules import Block, Cat, Constraint, Free, OpCall, Tie, rule
+from permgraph.rules import Cat, Constraint, Free, OpCall, Tie, rule
 from permgraph.rules._util import block_all, broadcast, tie_all
 
 # Ops that act element by element but that ATen does not tag ``pointwise``
