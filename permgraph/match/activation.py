@@ -18,7 +18,10 @@ that, and the within-head group then matches given the heads.
 Data parallel: under ``torch.distributed`` (``torchrun``), each rank passes its own shard of
 the batches; the sums are added over the process group (``process_group=``) before any
 similarity is formed, so every rank solves the same LAPs and returns the same permutation,
-the one a single process gets on all the batches (see :mod:`permgraph.distributed`).
+the one a single process gets on all the batches (see :mod:`permgraph.distributed`). Every
+rank centres its data on the means of rank 0's first batch (one process centres on its
+first batch's): each batch's float32 products are then those of one process, and only the
+float64 sums are added in another order.
 """
 
 from __future__ import annotations
@@ -744,7 +747,17 @@ def activation_matching(
     stats, sizes = _accumulate(spec, model_a, model_b, batches, method, progress, inputs=inputs,
                                process_group=process_group, timeout=timeout, options={"lap": lap},
                                precheck=lambda: _lap._pick(2, lap))
-    return _solve(spec, stats, sizes, method, lap)
+    perm = _solve(spec, stats, sizes, method, lap)
+    group = _dist.resolve_group(process_group)
+    if group is not None:
+        # every rank solved the same LAPs on the same sums; rank 0's answer is sent anyway,
+        # so that the ranks agree even where a backend would not reduce bit for bit alike
+        names = sorted(perm)
+        mine = [perm[g] if _dist.rank_and_size(group)[0] == 0 else torch.zeros_like(perm[g]) for g in names]
+        _dist.all_reduce_sum(mine, group, timeout=timeout, what="activation_matching (rank 0's permutation)")
+        sent = dict(zip(names, mine))
+        perm = {g: sent[g] for g in perm}
+    return perm
 
 
 def _solve(spec: PermSpec, stats: Mapping[tuple[str, ...], ActivationStats], sizes: Mapping[str, int],
