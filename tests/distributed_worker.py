@@ -103,6 +103,11 @@ def agree(case: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
     out["bn_layers"] = reset_batchnorm(bn, batches, timeout=TIMEOUT)
     out["bn"] = {k: v.clone() for k, v in bn.state_dict().items()}
     out["bn_device"] = str(bn[1].running_mean.device)
+    # SyncBatchNorm layers (which would all-reduce every batch, and only on GPUs) as well
+    sync = nn.SyncBatchNorm.convert_sync_batchnorm(build(case["bn"], widths, bn=True))
+    reset_batchnorm(sync, batches, timeout=TIMEOUT)
+    out["sync_bn"] = {k: v.clone() for k, v in sync.state_dict().items()}
+    out["sync_bn_forward_restored"] = all("forward" not in vars(m) for m in sync.modules())
     # one rank with no batch at all still takes part
     out["perm_uneven"] = activation_matching(spec, a, b, case["batches"] if rank == 0 else [], timeout=TIMEOUT)
     # rank 0 without a batch: each rank centres on its own first batch, the sums are re-centred

@@ -170,6 +170,8 @@ def test_batchnorm_reset_gives_the_single_process_statistics(agreeing, single, c
                 assert int(r["bn"][key]) == int(want) == len(case[0]["batches"]), key
             else:
                 torch.testing.assert_close(r["bn"][key], want, rtol=1e-6, atol=1e-7, msg=key)
+            torch.testing.assert_close(r["sync_bn"][key], r["bn"][key], rtol=0, atol=0, msg=key)
+        assert r["sync_bn_forward_restored"]
 
 
 @pytest.mark.parametrize("step, error, item", [
