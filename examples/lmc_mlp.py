@@ -197,7 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small models, no files, assert the claims (CI)")
     parser.add_argument("--out", type=Path, default=OUT, help="folder of lmc_mlp.json/.png (full mode)")
+    parser.add_argument("--replot", action="store_true", help="redraw the PNG from the JSON of a full run, and stop")
     args = parser.parse_args(argv)
+    if args.replot:
+        plot(json.loads((args.out / "lmc_mlp.json").read_text()), args.out / "lmc_mlp.png")
+        return 0
     torch.set_num_threads(1)
     if args.quick:
         cfg = {"width": 128, "pairs": [[0, 1], [2, 3]], "epochs": 10, "alphas": 11, "ste_steps": 40,

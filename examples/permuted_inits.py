@@ -221,6 +221,12 @@ def plot(res: dict, path: Path) -> None:
     ax[2].set(xlabel="training steps before the permutation is found", ylabel="test accuracy (%)",
               title="permutation found after k steps")
     ax[2].set_xscale("symlog", linthresh=10)
+    ax[2].set_xlim(left=0)
+    twin = ax[2].twinx()
+    twin.plot([int(k) for k in ks], [res["perm_after_steps"][k]["trained_loss_barrier"]["mean"] for k in ks],
+              color="tab:red", marker="s", ms=3, ls="--", label="loss barrier of the trained nets (right)")
+    twin.set_ylabel("trained networks' loss barrier")
+    twin.legend(fontsize=8, loc="center right")
     for a in ax:
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
@@ -233,7 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small models, no files, assert the claims (CI)")
     parser.add_argument("--out", type=Path, default=OUT, help="folder of permuted_inits.json/.png (full mode)")
+    parser.add_argument("--replot", action="store_true", help="redraw the PNG from the JSON of a full run, and stop")
     args = parser.parse_args(argv)
+    if args.replot:
+        plot(json.loads((args.out / "permuted_inits.json").read_text()), args.out / "permuted_inits.png")
+        return 0
     torch.set_num_threads(1)
     if args.quick:
         cfg = {"width": 256, "pairs": [[0, 1], [2, 3]], "epochs": 10, "alphas": 5, "steps": [0, 50],
