@@ -129,6 +129,33 @@ def test_in_place_writes_keep_their_meaning_in_the_functional_graph(model):
         torch.testing.assert_close(spec.traced.program.module()(x), model(x))
 
 
+_IN_PLACE = {  # name -> (op on the hidden layer, whether the hidden units stay permutable)
+    "multiply_": (lambda h: h.multiply_(2.0), True),
+    "divide_": (lambda h: h.divide_(3.0), True),
+    "subtract_": (lambda h: h.subtract_(h.mean(0, keepdim=True)), True),
+    "xlogy_": (lambda h: h.abs().xlogy_(2.0), True),
+    "gt_": (lambda h: h.gt_(0.1), True),
+    "not_equal_": (lambda h: h.not_equal_(0.0), True),
+    "bitwise_and_": (lambda h: (h * 10).long().bitwise_and_(7).float(), True),
+    "masked_fill_": (lambda h: h.masked_fill_(h > 0.5, 0.0), True),
+    "addcmul_": (lambda h: h.addcmul_(h, h, value=0.1), True),
+    "copy_": (lambda h: h.copy_(h * 2), True),
+    "t_": (lambda h: h.t_().t_(), True),
+    "index_fill_": (lambda h: h.index_fill_(1, torch.tensor([1]), 0.0), False),
+    "scatter_": (lambda h: h.scatter_(1, torch.zeros(5, 1, dtype=torch.long), 1.0), False),
+    "index_put_": (lambda h: h.index_put_((torch.arange(5), torch.tensor([0, 2, 1, 0, 3])), torch.tensor(1.0)), False),
+}
+
+
+@pytest.mark.parametrize("name", list(_IN_PLACE))
+def test_in_place_ops_on_hidden_units_are_sound_and_never_crash(name):
+    fn, permutable = _IN_PLACE[name]
+    spec = assert_sound(Around(fn), _x(5, 4), min_groups=0)
+    assert permuted_rows(spec, "a.weight") == (8 if permutable else 0)
+    if not permutable:  # blocked where the op picks positions, and said so
+        assert spec.unsupported, spec
+
+
 def test_buffer_updated_in_forward_is_a_mutation_output():
     from tests.helpers import RunningMean
 
