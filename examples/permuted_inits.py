@@ -95,6 +95,7 @@ def run(cfg: dict) -> dict:
     parts: dict[str, list] = {k: [] for k in ("naive", "trained_perm", "gradient", "foof", "curves")}
     perm_at: dict[int, list[float]] = {k: [] for k in cfg["steps"]}
     barrier_at: dict[int, list[float]] = {k: [] for k in cfg["steps"]}
+    damped: dict[float, list[float]] = {}
     for sa_seed, sb_seed in tqdm(cfg["pairs"], desc="seed pairs", leave=False):
         ia, ib = init(widths, sa_seed), init(widths, sb_seed)
         a0, b0 = state(ia), state(ib)
@@ -104,10 +105,14 @@ def run(cfg: dict) -> dict:
         curves = {name: permgraph.interpolation_curve(a0, spec.apply(q, b0), evaluate, cfg["alphas"])
                   for name, q in (("naive", spec.identity()), ("trained_perm", p))}
         # 4. Appendix B: permutations from gradients at initialisation, no training
-        for name, pre in (("gradient", "none"), ("foof", "foof")):
-            q = gradient_matching(spec, a0, b0, loss_directions(ia, full, precondition=pre),
-                                  loss_directions(ib, full, precondition=pre))
+        for name, pre, damping in (("gradient", "none", 0.1), ("foof", "foof", 0.1)):
+            q = gradient_matching(spec, a0, b0, loss_directions(ia, full, precondition=pre, damping=damping),
+                                  loss_directions(ib, full, precondition=pre, damping=damping))
             curves[name] = permgraph.interpolation_curve(a0, spec.apply(q, b0), evaluate, cfg["alphas"])
+        for damping in cfg["foof_dampings"]:  # FOOF tends to the plain gradient as the damping grows
+            q = gradient_matching(spec, a0, b0, loss_directions(ia, full, precondition="foof", damping=damping),
+                                  loss_directions(ib, full, precondition="foof", damping=damping))
+            damped.setdefault(damping, []).append(evaluate(permgraph.interpolate(a0, spec.apply(q, b0), 0.5))[1])
         mid = len(curves["naive"].alphas) // 2
         for name, c in curves.items():
             parts[name].append(c.accuracy[mid])
@@ -125,6 +130,7 @@ def run(cfg: dict) -> dict:
         "curves": {"alphas": alphas, **{n: [statistics.fmean(c[n][i] for c in parts["curves"]) for i in range(len(alphas))]
                                         for n in ("naive", "trained_perm", "gradient", "foof")}},
     }
+    out["foof_damping"] = {repr(d): mean_sd(v) for d, v in damped.items()}
     out["perm_after_steps"] = {str(k): {"init_midpoint_accuracy": mean_sd(perm_at[k]),
                                         "trained_loss_barrier": mean_sd(barrier_at[k])} for k in cfg["steps"]}
 
@@ -182,6 +188,9 @@ def table(res: dict) -> str:
     for n, label in names.items():
         v = t["midpoint_accuracy"][n]
         lines.append(f"  {label:<34}{100 * v['mean']:>7.1f}% ± {100 * v['sd']:.1f}")
+    if res.get("foof_damping"):
+        lines.append("  FOOF by damping: " + ", ".join(f"{d}: {100 * v['mean']:.1f}% ± {100 * v['sd']:.1f}"
+                                                     for d, v in res["foof_damping"].items()))
     lines += ["", "  permutation found after k steps:  init average accuracy   trained-network loss barrier"]
     for k, v in res["perm_after_steps"].items():
         a, b = v["init_midpoint_accuracy"], v["trained_loss_barrier"]
@@ -247,10 +256,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     if args.quick:
         cfg = {"width": 256, "pairs": [[0, 1], [2, 3]], "epochs": 10, "alphas": 5, "steps": [0, 50],
-               "many_widths": [256], "many_n": [2, 4], "many_bases": [10, 20]}
+               "foof_dampings": [], "many_widths": [256], "many_n": [2, 4], "many_bases": [10, 20]}
     else:
         cfg = {"width": 512, "pairs": [[0, 1], [2, 3], [4, 5]], "epochs": 10, "alphas": 11,
-               "steps": [0, 5, 10, 25, 50, 100, 220], "many_widths": [64, 256, 1024], "many_n": [2, 3, 4, 6],
+               "steps": [0, 5, 10, 25, 50, 100, 220], "foof_dampings": [0.01, 1.0, 10.0],
+               "many_widths": [64, 256, 1024], "many_n": [2, 3, 4, 6],
                "many_bases": [10, 20, 30]}
     res = run(cfg)
     print(table(res))
