@@ -184,6 +184,8 @@ def plot(res: dict, path: Path) -> None:
     ax[1].plot([int(h) for h in ws], [100 * max(res["width"][h]["models"]["a"]["mean"], res["width"][h]["models"]["b"]["mean"])
                                       for h in ws], color="grey", marker="v", label="better endpoint")
     ax[1].set(xlabel="hidden width", ylabel="test accuracy, all digits (%)", xscale="log", title="against width")
+    ax[1].set_xticks([int(h) for h in ws], [h for h in ws])
+    ax[1].minorticks_off()
     for a in ax:
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
