@@ -199,16 +199,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller models, no files, assert the claims (CI)")
     parser.add_argument("--out", type=Path, default=OUT, help="folder of disjoint_merge.json/.png (full mode)")
     parser.add_argument("--replot", action="store_true", help="redraw the PNG from the JSON of a full run, and stop")
+    parser.add_argument("--bias", type=float, default=0.9,
+                        help="share of the images of 0-4 in A's half (and of 5-9 in B's); default 0.9")
     args = parser.parse_args(argv)
     if args.replot:
         plot(json.loads((args.out / "disjoint_merge.json").read_text()), args.out / "disjoint_merge.png")
         return 0
     torch.set_num_threads(1)
     if args.quick:
-        cfg = {"widths": [32], "pairs": [[0, 1], [2, 3]], "epochs": 20, "bias": 0.9, "alphas": 11}
+        cfg = {"widths": [32], "pairs": [[0, 1], [2, 3]], "epochs": 20, "bias": args.bias, "alphas": 11}
     else:
-        cfg = {"widths": [32, 64, 128, 512], "pairs": [[0, 1], [2, 3], [4, 5], [6, 7]], "epochs": 20, "bias": 0.9,
-               "alphas": 21}
+        cfg = {"widths": [32, 64, 128, 512], "pairs": [[0, 1], [2, 3], [4, 5], [6, 7]], "epochs": 20,
+               "bias": args.bias, "alphas": 21}
     res = run(cfg)
     print(table(res))
     fails = check(res)
