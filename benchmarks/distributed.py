@@ -12,12 +12,16 @@ Per run it reports, from rank 0:
 - ``stats s``: the slowest rank's time to accumulate its statistics (both models' forward
   passes and the sums), and the samples per second that gives for all the data;
 - ``wait s``: how long the fastest rank waited for the slowest at the barrier;
-- ``all-reduce s``: the time to sum the statistics over the ranks (two all-reduces: counts
-  and means, then the centred sums), and the megabytes each rank sent into it;
+- ``all-reduce s``: the time to sum the statistics over the ranks (the general path, two
+  all-reduces: counts and means, then the centred sums; the public call needs one, since
+  its ranks share rank 0's shifts), and the megabytes each rank sent into it;
 - ``LAP s``: the similarity and LAPs (the same on every rank);
+- ``call s``: the whole public ``activation_matching`` call on the same shard (handshakes,
+  statistics, reduction, LAPs), slowest rank;
 - ``same perm``: the fraction of units whose permutation equals the single-process one,
-  and whether every rank returned the same permutation (the public ``activation_matching``
-  is called too and must agree with the timed steps).
+  for the timed steps (each rank centred on its own first batch, then re-centred) and for
+  the public call (every rank centred on rank 0's first batch, as one process);
+- ``ranks agree``: whether every rank returned the same permutation (both ways).
 
 Processes beyond the machine's cores are skipped unless ``--procs`` names them. The LAPs
 use scipy by default (``--lap``): the lapjv package (1.3.29) never returns on some of
@@ -85,18 +89,22 @@ def _rank(rank: int, world: int, args: argparse.Namespace, init: str, out: str) 
     t3 = time.perf_counter()
     perm = _solve(spec, stats, sizes, "correlation", args.lap)
     t_lap = time.perf_counter() - t3
+    dist.barrier()
+    t4 = time.perf_counter()
     public = activation_matching(spec, a, b, mine, lap=args.lap)
-    same_public = all(torch.equal(public[g], perm[g]) for g in perm)
-    times = torch.tensor([t_stats, t_wait], dtype=torch.float64)
+    t_call = time.perf_counter() - t4
+    times = torch.tensor([t_stats, t_wait, t_call], dtype=torch.float64)
     gathered = [torch.zeros_like(times) for _ in range(world)]
     dist.all_gather(gathered, times)
     perms = [None] * world
     dist.all_gather_object(perms, {g: p.tolist() for g, p in perm.items()})
+    publics = [None] * world
+    dist.all_gather_object(publics, {g: p.tolist() for g, p in public.items()})
     if rank == 0:
         result = {
             "procs": world, "stats_s": max(float(t[0]) for t in gathered), "wait_s": max(float(t[1]) for t in gathered),
-            "reduce_s": t_reduce, "lap_s": t_lap, "sent_mb": sent / 2**20, "perm": perms[0],
-            "ranks_agree": all(p == perms[0] for p in perms), "public_agrees": same_public,
+            "call_s": max(float(t[2]) for t in gathered), "reduce_s": t_reduce, "lap_s": t_lap, "sent_mb": sent / 2**20, "perm": perms[0], "public": publics[0],
+            "ranks_agree": all(p == perms[0] for p in perms) and all(p == publics[0] for p in publics),
         }
         with open(out, "w") as f:
             json.dump(result, f)
@@ -120,7 +128,7 @@ def main() -> None:
     print(f"{args.model}: {args.samples} samples in batches of {args.batch}, {args.threads} thread(s) per process, "
           f"{cores} cores, torch {torch.__version__}")
     print(f"{'procs':>5} {'stats s':>8} {'samples/s':>10} {'wait s':>7} {'all-reduce s':>12} {'MB sent':>8} "
-          f"{'LAP s':>6} {'same perm':>9} {'ranks agree':>11}")
+          f"{'LAP s':>6} {'call s':>7} {'same perm (timed, call)':>24} {'ranks agree':>11}")
     reference = None
     with tempfile.TemporaryDirectory() as tmp:
         for p in procs:
@@ -131,11 +139,14 @@ def main() -> None:
                 r = json.load(f)
             if reference is None:
                 reference = r["perm"]
-            same = sum(sum(x == y for x, y in zip(r["perm"][g], reference[g])) for g in reference)
             total = sum(len(v) for v in reference.values())
+
+            def same(perm, reference=reference, total=total):
+                return sum(sum(x == y for x, y in zip(perm[g], reference[g])) for g in reference) / total
+
             print(f"{p:>5} {r['stats_s']:>8.2f} {args.samples / r['stats_s']:>10.0f} {r['wait_s']:>7.2f} "
-                  f"{r['reduce_s']:>12.4f} {r['sent_mb']:>8.2f} {r['lap_s']:>6.2f} {same / total:>9.1%} "
-                  f"{str(r['ranks_agree'] and r['public_agrees']):>11}")
+                  f"{r['reduce_s']:>12.4f} {r['sent_mb']:>8.2f} {r['lap_s']:>6.2f} {r['call_s']:>7.2f} "
+                  f"{same(r['perm']):>14.1%} {same(r['public']):>9.1%} {str(r['ranks_agree']):>11}")
 
 
 if __name__ == "__main__":

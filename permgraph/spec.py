@@ -25,8 +25,14 @@ from typing import Any
 
 import torch
 
-from permgraph.errors import OracleArgumentError, PermutationError, RoundingWarning, SpecMismatchError, VerificationError
-from permgraph.trace import as_args, module_modes, tensors_in
+from permgraph.errors import (
+    OracleArgumentError,
+    PermutationError,
+    RoundingWarning,
+    SpecMismatchError,
+    VerificationError,
+)
+from permgraph.trace import as_args, module_modes, restore_modes, tensors_in
 
 __all__ = ["Layout", "Member", "Group", "Unsupported", "PermSpec", "Permutation"]
 
@@ -383,8 +389,9 @@ class PermSpec:
         boolean outputs exactly.
 
         The model is left as it was: it runs with `functional_call` on copies of its
-        parameters and every buffer (non-persistent ones too), in eval mode, each
-        submodule's mode restored afterwards; each run starts from the same random seed (a
+        parameters and every buffer (non-persistent ones too), in eval mode (set through
+        ``train(False)`` before each run, so a module that caches tensors derived from its
+        weights drops them), each submodule's mode restored afterwards; each run starts from the same random seed (a
         forward that draws noise draws the same noise) and torch's global random state is not
         advanced.
 
@@ -444,6 +451,7 @@ class PermSpec:
             def run(sd: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
                 fresh = {k: _widen(v) if wide else v.clone() for k, v in (dict(extra) | dict(sd)).items()}
                 a, kw = torch.utils._pytree.tree_map(_widen, (args, kwargs)) if wide else (args, kwargs)
+                model.eval()  # through train(): a module caching tensors derived from its weights drops them
                 with torch.random.fork_rng(devices=cuda), _default_dtype(torch.float64 if wide else None):
                     torch.manual_seed(0)
                     out = torch.func.functional_call(model, fresh, a, kw, tie_weights=False)
@@ -479,7 +487,8 @@ class PermSpec:
                     try:
                         run64 = runner(True)
                         ref64 = run64(state)
-                        errs64 = [check(run64, ref64, p) for p, e in zip(perms, errs) if not e <= rtol]
+                        tried = [p for p, e in zip(perms, errs) if not e <= rtol]
+                        errs64 = [check(run64, ref64, p) for p in tried]
                     except Exception as exc:  # noqa: BLE001 - a model that cannot run in float64: blame in float32
                         note = f" (the float64 re-check could not run: {type(exc).__name__}: {str(exc)[:200]})"
                     else:
@@ -494,6 +503,7 @@ class PermSpec:
                             return max(errs64)
                         run, base, where = run64, ref64, " in float64 too"
                         err = max(errs64)
+                        failing = next(p for p, e in zip(tried, errs64) if not e <= rtol)
                 culprits = _bisect(self.names, lambda ns: not check(run, base, failing, ns) <= rtol)
                 raise VerificationError(
                     f"permuting the groups changed the outputs{where} (relative error {err:.3g} > {rtol:g}){note}; "
@@ -650,8 +660,7 @@ class _default_dtype:
 def _restore(model: torch.nn.Module, own: Mapping[str, torch.Tensor], saved: Mapping[str, torch.Tensor],
              modes: Mapping[torch.nn.Module, bool]) -> None:
     """Put back every submodule's mode, and any parameter or buffer a forward changed."""
-    for m, flag in modes.items():
-        m.training = flag
+    restore_modes(model, dict(modes))
     with torch.no_grad():
         for k, t in own.items():
             s = saved.get(k)

@@ -20,7 +20,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 
 from permgraph.errors import TraceError
 
-__all__ = ["Traced", "trace", "as_args", "functionalize", "module_modes"]
+__all__ = ["Traced", "trace", "as_args", "functionalize", "module_modes", "restore_modes"]
 
 ExampleInputs = Any  # a Tensor, a tuple of positional args, or a dict of keyword args
 
@@ -116,7 +116,7 @@ def trace(model: torch.nn.Module, example_inputs: ExampleInputs) -> Traced:
             ) from exc
         program, note = functionalize(program)
     finally:
-        _restore_modes(model, modes)
+        restore_modes(model, modes)
         fake_log.setLevel(level)
     seconds = time.perf_counter() - t0
 
@@ -174,9 +174,14 @@ def module_modes(model: torch.nn.Module) -> dict[torch.nn.Module, bool]:
     return {m: m.training for m in model.modules()}
 
 
-def _restore_modes(model: torch.nn.Module, modes: dict[torch.nn.Module, bool]) -> None:
-    for m, flag in modes.items():
-        m.training = flag
+def restore_modes(model: torch.nn.Module, modes: dict[torch.nn.Module, bool]) -> None:
+    """Put back the modes `module_modes` recorded, through ``train()`` (so a module that
+    overrides it, as timm's LeViT does to drop a cache of derived tensors, sees the call)."""
+    model.train(modes.get(model, model.training))
+    for m in model.modules():  # parents before children: a child's own mode wins
+        flag = modes.get(m)
+        if flag is not None and m.training != flag:
+            m.train(flag)
 
 
 def _export(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> ExportedProgram:
@@ -238,7 +243,6 @@ def _rewrite_fresh_in_place(gm: torch.fx.GraphModule) -> bool:
     reader reads the new value. Returns False, changing nothing, unless every in-place op of
     the graph is of that kind (then `functionalize` runs torch's functionalization)."""
     nodes = list(gm.graph.nodes)
-    order = {n: i for i, n in enumerate(nodes)}
     storage: dict[torch.fx.Node, torch.fx.Node] = {}  # in-place result -> the tensor it writes
     plan = []
     for n in nodes:
@@ -258,7 +262,7 @@ def _rewrite_fresh_in_place(gm: torch.fx.GraphModule) -> bool:
     members: dict[torch.fx.Node, list[torch.fx.Node]] = {}
     for n, base in storage.items():
         members.setdefault(base, [base]).append(n)
-    for base, group in members.items():
+    for group in members.values():
         for m in group:
             for u in m.users:
                 if u.op == "output" or (u.op == "call_function" and u not in storage and _aliases(u.target)):
@@ -283,7 +287,6 @@ def _rewrite_fresh_in_place(gm: torch.fx.GraphModule) -> bool:
             gm.graph.erase_node(n)
     gm.graph.lint()
     gm.recompile()
-    del order
     return True
 
 

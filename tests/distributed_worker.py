@@ -79,7 +79,7 @@ def agree(case: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
     widths = case["widths"]
     a, b = build(case["a"], widths), build(case["b"], widths)
     batches = shard(case["batches"], rank, world)
-    spec = permgraph.infer(a, case["batches"][0][:2])
+    spec = permgraph.infer(a, case["batches"][0][:2].to(DEVICE))
     out: dict[str, Any] = {}
     out["perm"] = activation_matching(spec, a, b, batches, timeout=TIMEOUT)
     # (x, y) pairs with inputs= picking x: the same statistics
@@ -103,8 +103,18 @@ def agree(case: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
     out["bn_layers"] = reset_batchnorm(bn, batches, timeout=TIMEOUT)
     out["bn"] = {k: v.clone() for k, v in bn.state_dict().items()}
     out["bn_device"] = str(bn[1].running_mean.device)
+    # SyncBatchNorm layers (which would all-reduce every batch, and only on GPUs) as well
+    sync = nn.SyncBatchNorm.convert_sync_batchnorm(build(case["bn"], widths, bn=True))
+    reset_batchnorm(sync, batches, timeout=TIMEOUT)
+    out["sync_bn"] = {k: v.clone() for k, v in sync.state_dict().items()}
+    out["sync_bn_forward_restored"] = all("forward" not in vars(m) for m in sync.modules())
     # one rank with no batch at all still takes part
     out["perm_uneven"] = activation_matching(spec, a, b, case["batches"] if rank == 0 else [], timeout=TIMEOUT)
+    # rank 0 without a batch: each rank centres on its own first batch, the sums are re-centred
+    out["perm_rank0_empty"] = activation_matching(spec, a, b, case["batches"] if rank == world - 1 else [],
+                                                  timeout=TIMEOUT)
+    sims, _ = activation_similarity(spec, a, b, [] if rank == 0 else batches, method="covariance", timeout=TIMEOUT)
+    out["covariance_rank0_empty"] = sims
     return out
 
 

@@ -129,6 +129,33 @@ def test_in_place_writes_keep_their_meaning_in_the_functional_graph(model):
         torch.testing.assert_close(spec.traced.program.module()(x), model(x))
 
 
+_IN_PLACE = {  # name -> (op on the hidden layer, whether the hidden units stay permutable)
+    "multiply_": (lambda h: h.multiply_(2.0), True),
+    "divide_": (lambda h: h.divide_(3.0), True),
+    "subtract_": (lambda h: h.subtract_(h.mean(0, keepdim=True)), True),
+    "xlogy_": (lambda h: h.abs().xlogy_(2.0), True),
+    "gt_": (lambda h: h.gt_(0.1), True),
+    "not_equal_": (lambda h: h.not_equal_(0.0), True),
+    "bitwise_and_": (lambda h: (h * 10).long().bitwise_and_(7).float(), True),
+    "masked_fill_": (lambda h: h.masked_fill_(h > 0.5, 0.0), True),
+    "addcmul_": (lambda h: h.addcmul_(h, h, value=0.1), True),
+    "copy_": (lambda h: h.copy_(h * 2), True),
+    "t_": (lambda h: h.t_().t_(), True),
+    "index_fill_": (lambda h: h.index_fill_(1, torch.tensor([1]), 0.0), False),
+    "scatter_": (lambda h: h.scatter_(1, torch.zeros(5, 1, dtype=torch.long), 1.0), False),
+    "index_put_": (lambda h: h.index_put_((torch.arange(5), torch.tensor([0, 2, 1, 0, 3])), torch.tensor(1.0)), False),
+}
+
+
+@pytest.mark.parametrize("name", list(_IN_PLACE))
+def test_in_place_ops_on_hidden_units_are_sound_and_never_crash(name):
+    fn, permutable = _IN_PLACE[name]
+    spec = assert_sound(Around(fn), _x(5, 4), min_groups=0)
+    assert permuted_rows(spec, "a.weight") == (8 if permutable else 0)
+    if not permutable:  # blocked where the op picks positions, and said so
+        assert spec.unsupported, spec
+
+
 def test_buffer_updated_in_forward_is_a_mutation_output():
     from tests.helpers import RunningMean
 
@@ -449,6 +476,42 @@ def test_verify_restores_every_buffer_and_every_mode():
     assert model.training and model.a.training and not model.bn.training
     permgraph.infer(model, x)  # tracing restores every submodule's mode too
     assert model.training and not model.bn.training
+
+
+class Caches(nn.Module):
+    """Caches a tensor derived from its weights in eval mode and drops it in ``train()``,
+    as timm's LeViT does with its attention biases."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.cache = {}
+        return self
+
+    def scale(self) -> torch.Tensor:
+        if self.training:
+            return self.a.bias * 2
+        if "s" not in self.cache:
+            self.cache["s"] = self.a.bias * 2
+        return self.cache["s"]
+
+    def forward(self, x):
+        return self.b(F.relu(F.linear(x, self.a.weight) + self.scale()))
+
+
+@pytest.mark.filterwarnings("ignore:The tensor attribute")  # torch.export notes the cache it sees filled
+def test_a_module_caching_derived_weights_verifies_and_is_left_clean():
+    model, x = Caches().eval(), _x(5, 4)
+    spec = permgraph.infer(model, x)
+    assert spec.verify(model, x) <= 1e-4
+    assert model.cache == {}  # nothing derived from the permuted copies is left behind
+    with pytest.raises(VerificationError):
+        _drop(spec, "a", "a.bias").verify(model, x)
+    assert model.cache == {}
 
 
 class WithExtraState(nn.Module):

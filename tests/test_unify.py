@@ -226,3 +226,19 @@ def test_why_collects_every_tie_of_a_class():
     u.unify(a, b, "first")
     u.unify(c, b, "second")
     assert set(u.why(c)) == {"first", "second"}
+
+
+def test_a_conflict_records_the_variables_it_blocks():
+    """(4 x 3) met (3 x 4): no common refinement; the conflict names the four parts, which
+    the refinement the axis keeps is reachable from it (so `infer` can tell the conflict cost
+    units of the weights on that axis)."""
+    u = Unifier()
+    c, g4, r3, g3, r4 = u.new(12), u.new(4), u.new(3), u.new(3), u.new(4)
+    u.unify(c, u.term("prod", [g4, r3]), why="conv groups")
+    u.unify(c, u.term("prod", [g3, r4]), why="group norm")
+    u.finish()
+    assert len(u.conflicts) == len(u.conflict_vars) == 1
+    assert {u.find(v) for v in u.conflict_vars[0]} == {u.find(v) for v in (g4, r3, g3, r4)}
+    assert {u.find(v) for v in (g4, r3)} <= u.reachable([c])  # the refinement kept on the axis
+    assert u.find(c) not in u.reachable([g3])
+    assert all(u.is_blocked(v) for v in (g4, r3, g3, r4)) and not u.is_blocked(c)

@@ -18,7 +18,10 @@ that, and the within-head group then matches given the heads.
 Data parallel: under ``torch.distributed`` (``torchrun``), each rank passes its own shard of
 the batches; the sums are added over the process group (``process_group=``) before any
 similarity is formed, so every rank solves the same LAPs and returns the same permutation,
-the one a single process gets on all the batches (see :mod:`permgraph.distributed`).
+the one a single process gets on all the batches (see :mod:`permgraph.distributed`). Every
+rank centres its data on the means of rank 0's first batch (one process centres on its
+first batch's): each batch's float32 products are then those of one process, and only the
+float64 sums are added in another order.
 """
 
 from __future__ import annotations
@@ -497,6 +500,7 @@ def _accumulate(spec: PermSpec, model_a: torch.nn.Module, model_b: torch.nn.Modu
     was = (model_a.training, model_b.training)
     bar = None
     seen = 0
+    shared = False
     try:
         model_a.eval()
         model_b.eval()
@@ -508,20 +512,45 @@ def _accumulate(spec: PermSpec, model_a: torch.nn.Module, model_b: torch.nn.Modu
             except TypeError:  # an iterable without a length (a generator, a Batches over one)
                 total = None
             bar = tqdm(desc="activation matching", unit="batch", total=total)
+
+        def one(batch: Any) -> None:
+            nonlocal seen
+            if inputs is not None:
+                batch = inputs(batch)
+            flat, canonical = _flatten(spec, batch)
+            sig = _signature(flat)
+            runner = runners.get(sig)
+            if runner is None:
+                traced = spec.traced if sig == example else _retrace(spec, model_a, canonical, plan)
+                runner = runners[sig] = _Runner(traced, model_a, model_b, state_a, state_b)
+            runner.run(flat, plan, stats)
+            seen += 1
+            if bar is not None:
+                bar.update(1)
+
         with torch.no_grad():
-            for batch in batches:
-                if inputs is not None:
-                    batch = inputs(batch)
-                flat, canonical = _flatten(spec, batch)
-                sig = _signature(flat)
-                runner = runners.get(sig)
-                if runner is None:
-                    traced = spec.traced if sig == example else _retrace(spec, model_a, canonical, plan)
-                    runner = runners[sig] = _Runner(traced, model_a, model_b, state_a, state_b)
-                runner.run(flat, plan, stats)
-                seen += 1
-                if bar is not None:
-                    bar.update(1)
+            it = iter(batches)
+            if group is not None:
+                # rank 0's first batch sets the shifts every rank's sums are taken about:
+                # each batch's float32 products are then those of one process on all the
+                # batches, and only the float64 sums are added in another order
+                status, error = _NO_DATA, None
+                if rank == 0:
+                    try:
+                        first = next(it, _END)
+                        if first is not _END:
+                            one(first)
+                            status = _DATA
+                    except Exception as exc:  # told to the others, then raised below
+                        status, error = _FAILED, exc
+                status = _share_shifts(stats, group, rank, status, timeout, call)
+                if error is not None:
+                    raise error
+                shared = status == _DATA
+                if status == _FAILED:
+                    it = iter(())  # rank 0 failed: straight to the handshake, which says so
+            for batch in it:
+                one(batch)
     except Exception as exc:
         _dist.agree(group, f"{call} (after the data)", failure=exc, timeout=timeout)
         raise
@@ -532,21 +561,60 @@ def _accumulate(spec: PermSpec, model_a: torch.nn.Module, model_b: torch.nn.Modu
             bar.close()
     if group is not None:
         _dist.agree(group, f"{call} (after the data)", timeout=timeout)
-        seen = _reduce(stats, group, seen, timeout, call)
+        seen = _reduce(stats, group, seen, timeout, call, shared=shared)
     if not seen:
         raise MatchError("batches is empty: activation matching needs at least one batch of inputs"
                          + (" (on every rank)" if group is not None else ""))
     return stats, sizes
 
 
+_END = object()
+_NO_DATA, _DATA, _FAILED = 0.0, 1.0, 2.0
+
+
+def _share_shifts(stats: Mapping[tuple[str, ...], ActivationStats], group: Any, rank: int, status: float,
+                  timeout: float | timedelta | None, call: str) -> float:
+    """Give every rank rank 0's shifts (the means of its first batch) and rank 0's status
+    (``_DATA``, ``_NO_DATA`` or ``_FAILED``), which is returned. Sent as a sum to which
+    the other ranks add zeros."""
+    order = sorted(stats)
+    parts = [torch.tensor([status if rank == 0 else 0.0], dtype=torch.float64)]
+    for k in order:
+        st = stats[k]
+        if rank == 0 and status == _DATA:
+            zero = torch.zeros(st.n, dtype=torch.float64, device=st.device)
+            if st.shift_a is None or st.shift_b is None:  # a key the first batch did not reach
+                st.shift_a, st.shift_b = zero.clone(), zero.clone()
+            parts += [st.shift_a.clone(), st.shift_b.clone()]
+        else:
+            parts += [torch.zeros(st.n, dtype=torch.float64, device=st.device) for _ in range(2)]
+    _dist.all_reduce_sum(parts, group, timeout=timeout, what=f"{call} (rank 0's first batch)")
+    got = float(parts[0])
+    if rank != 0 and got == _DATA:
+        for i, k in enumerate(order):
+            stats[k].shift_a, stats[k].shift_b = parts[1 + 2 * i], parts[2 + 2 * i]
+    return got
+
+
 def _reduce(stats: Mapping[tuple[str, ...], ActivationStats], group: Any, seen: int,
-            timeout: float | timedelta | None, call: str) -> int:
+            timeout: float | timedelta | None, call: str, *, shared: bool = False) -> int:
     """Sum every rank's statistics (in place) and return the total number of batches.
 
-    Each rank's sums are about its own shifts (its first batch's means): the ranks first
-    sum their counts and raw sums, every rank re-centres on the global means, then the
-    centred sums are added."""
+    With ``shared`` shifts (every rank's sums are about rank 0's shifts) the sums are added
+    as they are. Otherwise each rank's sums are about its own shifts (its first batch's
+    means): the ranks first sum their counts and raw sums, every rank re-centres on the
+    global means, then the centred sums are added."""
     order = sorted(stats)
+    if shared:
+        tensors: list[torch.Tensor] = [torch.tensor([float(seen)], dtype=torch.float64)]
+        for k in order:
+            st = stats[k]
+            tensors += [torch.tensor([st.count], dtype=torch.float64, device=st.device),
+                        st.sum_a, st.sum_b, st.sq_a, st.sq_b, st.cross]
+        _dist.all_reduce_sum(tensors, group, timeout=timeout, what=f"{call} (summing the statistics)")
+        for i, k in enumerate(order):
+            stats[k].count = float(tensors[1 + 6 * i])
+        return int(tensors[0])
     first: list[torch.Tensor] = [torch.tensor([float(seen)], dtype=torch.float64)]
     for k in order:
         st = stats[k]
@@ -679,7 +747,17 @@ def activation_matching(
     stats, sizes = _accumulate(spec, model_a, model_b, batches, method, progress, inputs=inputs,
                                process_group=process_group, timeout=timeout, options={"lap": lap},
                                precheck=lambda: _lap._pick(2, lap))
-    return _solve(spec, stats, sizes, method, lap)
+    perm = _solve(spec, stats, sizes, method, lap)
+    group = _dist.resolve_group(process_group)
+    if group is not None:
+        # every rank solved the same LAPs on the same sums; rank 0's answer is sent anyway,
+        # so that the ranks agree even where a backend would not reduce bit for bit alike
+        names = sorted(perm)
+        mine = [perm[g] if _dist.rank_and_size(group)[0] == 0 else torch.zeros_like(perm[g]) for g in names]
+        _dist.all_reduce_sum(mine, group, timeout=timeout, what="activation_matching (rank 0's permutation)")
+        sent = dict(zip(names, mine))
+        perm = {g: sent[g] for g in perm}
+    return perm
 
 
 def _solve(spec: PermSpec, stats: Mapping[tuple[str, ...], ActivationStats], sizes: Mapping[str, int],

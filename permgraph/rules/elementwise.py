@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from permgraph.rules import Block, Cat, Constraint, Free, OpCall, Tie, rule
+from permgraph.rules import Cat, Constraint, Free, OpCall, Tie, rule
 from permgraph.rules._util import block_all, broadcast, tie_all
 
 # Ops that act element by element but that ATen does not tag ``pointwise``
@@ -32,6 +32,14 @@ _ELEMENTWISE = (
     "aten.pow", "aten.float_power", "aten.square", "aten.positive", "aten.__and__", "aten.__or__",
     "aten.__xor__", "aten.__invert__", "aten.logical_not", "aten.min.other", "aten.max.other",
     "aten.real", "aten.imag", "aten.conj", "aten.conj_physical", "aten.resolve_conj", "aten.resolve_neg",
+    # aliases of pointwise ops (the functional twins of ``multiply_``, ``greater_``, ...)
+    "aten.multiply", "aten.divide", "aten.subtract", "aten.true_divide", "aten.floor_divide", "aten.rsub",
+    "aten.greater", "aten.greater_equal", "aten.less", "aten.less_equal", "aten.not_equal", "aten.negative",
+    "aten.absolute", "aten.arccos", "aten.arcsin", "aten.arctan", "aten.arctan2", "aten.arccosh", "aten.arcsinh",
+    "aten.arctanh", "aten.fix", "aten.special_expit", "aten.special_exp2", "aten.special_expm1",
+    "aten.special_log1p", "aten.special_erf", "aten.special_erfc", "aten.special_erfinv", "aten.special_round",
+    "aten.special_sinc", "aten.special_ndtr", "aten.special_logit", "aten.special_xlogy", "aten.special_psi",
+    "aten.special_digamma", "aten.special_i0",
 )
 
 
