@@ -4,10 +4,12 @@ from permgraph.align import align
 from permgraph.analysis import infer
 from permgraph.errors import (
     LapError,
+    OracleArgumentError,
     PermGraphError,
     PermutationError,
     SpecMismatchError,
     TraceError,
+    RoundingWarning,
     UnsupportedOpError,
     VerificationError,
 )
@@ -69,5 +71,7 @@ __all__ = [
     "PermutationError",
     "VerificationError",
     "LapError",
+    "OracleArgumentError",
+    "RoundingWarning",
     "__version__",
 ]
