@@ -18,19 +18,18 @@ Small CNNs on scikit-learn's 8x8 digits, trained from different seeds with Adam:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
+import _experiment as experiment
 import torch
 from torch import nn
 
 import permgraph
 from permgraph.demo import batches, evaluator, load_digits, train
 
-OUT = Path(__file__).resolve().parent.parent / "docs" / "science"
 VARIANTS = ("naive", "weight_matching", "activation_matching", "activation_matching+reset_bn", "activation_matching+repair")
 LABELS = {"naive": "naive", "weight_matching": "weight matching", "activation_matching": "activation matching",
           "activation_matching+reset_bn": "act. matching + BN reset", "activation_matching+repair": "act. matching + REPAIR"}
@@ -195,34 +194,19 @@ def plot(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _quick(args: argparse.Namespace) -> dict:
+    return {"channels": 8, "pairs": [[0, 1], [2, 3]], "epochs": 10, "lr": 1e-3, "alphas": 5,
+            "lrs": [], "lr_pairs": [], "lr_epochs": 20}
+
+
+def _full(args: argparse.Namespace) -> dict:
+    return {"channels": 16, "pairs": [[0, 1], [2, 3], [4, 5]], "epochs": 10, "lr": 1e-3, "alphas": 11,
+            "lrs": [1e-3, 3e-3, 1e-2, 2e-2, 2.5e-2], "lr_pairs": [[0, 1], [2, 3], [4, 5], [6, 7]], "lr_epochs": 20}
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer pairs, no files, assert the claims (CI)")
-    parser.add_argument("--out", type=Path, default=OUT, help="folder of cnn_barriers.json/.png (full mode)")
-    parser.add_argument("--replot", action="store_true", help="redraw the PNG from the JSON of a full run, and stop")
-    args = parser.parse_args(argv)
-    if args.replot:
-        plot(json.loads((args.out / "cnn_barriers.json").read_text()), args.out / "cnn_barriers.png")
-        return 0
-    torch.set_num_threads(1)
-    if args.quick:
-        cfg = {"channels": 8, "pairs": [[0, 1], [2, 3]], "epochs": 10, "lr": 1e-3, "alphas": 5,
-               "lrs": [], "lr_pairs": [], "lr_epochs": 20}
-    else:
-        cfg = {"channels": 16, "pairs": [[0, 1], [2, 3], [4, 5]], "epochs": 10, "lr": 1e-3, "alphas": 11,
-               "lrs": [1e-3, 3e-3, 1e-2, 2e-2, 2.5e-2], "lr_pairs": [[0, 1], [2, 3], [4, 5], [6, 7]], "lr_epochs": 20}
-    res = run(cfg)
-    print(table(res))
-    fails = check(res)
-    res["claims_hold"] = not fails
-    if not args.quick:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "cnn_barriers.json").write_text(json.dumps(res, indent=1))
-        plot(res, args.out / "cnn_barriers.png")
-        print(f"wrote {args.out / 'cnn_barriers.json'} and {args.out / 'cnn_barriers.png'} ({res['seconds']} s)")
-    for f in fails:
-        print("CLAIM FAILED:", f, file=sys.stderr)
-    return 1 if fails else 0
+    return experiment.main("cnn_barriers", __doc__, quick=_quick, full=_full, run=run, table=table, check=check,
+                           plot=plot, argv=argv)
 
 
 if __name__ == "__main__":

@@ -24,19 +24,18 @@ unaligned).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
+import _experiment as experiment
 import torch
 import torch.nn.functional as F
 
 import permgraph
 from permgraph.demo import batches, evaluator, load_digits, make_mlp, train
 
-OUT = Path(__file__).resolve().parent.parent / "docs" / "science"
 MERGES = ("naive", "weight_matching", "activation_matching")
 LABELS = {"naive": "naive merge", "weight_matching": "merge after weight matching",
           "activation_matching": "merge after activation matching"}
@@ -194,35 +193,24 @@ def plot(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smaller models, no files, assert the claims (CI)")
-    parser.add_argument("--out", type=Path, default=OUT, help="folder of disjoint_merge.json/.png (full mode)")
-    parser.add_argument("--replot", action="store_true", help="redraw the PNG from the JSON of a full run, and stop")
+def _quick(args: argparse.Namespace) -> dict:
+    return {"widths": [32], "pairs": [[0, 1], [2, 3]], "epochs": 20, "bias": args.bias, "alphas": 11}
+
+
+def _full(args: argparse.Namespace) -> dict:
+    return {"widths": [32, 64, 128, 512], "pairs": [[0, 1], [2, 3], [4, 5], [6, 7]], "epochs": 20,
+            "bias": args.bias, "alphas": 21}
+
+
+def _options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bias", type=float, default=0.9,
                         help="share of the images of 0-4 in A's half (and of 5-9 in B's); default 0.9")
-    args = parser.parse_args(argv)
-    if args.replot:
-        plot(json.loads((args.out / "disjoint_merge.json").read_text()), args.out / "disjoint_merge.png")
-        return 0
-    torch.set_num_threads(1)
-    if args.quick:
-        cfg = {"widths": [32], "pairs": [[0, 1], [2, 3]], "epochs": 20, "bias": args.bias, "alphas": 11}
-    else:
-        cfg = {"widths": [32, 64, 128, 512], "pairs": [[0, 1], [2, 3], [4, 5], [6, 7]], "epochs": 20,
-               "bias": args.bias, "alphas": 21}
-    res = run(cfg)
-    print(table(res))
-    fails = check(res)
-    res["claims_hold"] = not fails
-    if not args.quick:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "disjoint_merge.json").write_text(json.dumps(res, indent=1))
-        plot(res, args.out / "disjoint_merge.png")
-        print(f"wrote {args.out / 'disjoint_merge.json'} and {args.out / 'disjoint_merge.png'}")
-    for f in fails:
-        print("CLAIM FAILED:", f, file=sys.stderr)
-    return 1 if fails else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return experiment.main("disjoint_merge", __doc__, quick=_quick, full=_full, run=run, table=table, check=check,
+                           plot=plot,
+                           options=_options, argv=argv)
 
 
 if __name__ == "__main__":

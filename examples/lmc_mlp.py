@@ -22,12 +22,12 @@ Everything is permgraph's public API plus the demo's data loader and trainer.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
+import _experiment as experiment
 import torch
 
 import permgraph
@@ -36,7 +36,6 @@ from permgraph.demo import batches, evaluator, load_digits, make_mlp, train
 METHODS = ("naive", "weight_matching", "activation_matching", "ste", "sinkhorn")
 LABELS = {"naive": "naive", "weight_matching": "weight matching", "activation_matching": "activation matching",
           "ste": "STE", "sinkhorn": "Sinkhorn (L2)"}
-OUT = Path(__file__).resolve().parent.parent / "docs" / "science"
 
 
 def mean_sd(xs: list[float]) -> dict[str, float]:
@@ -193,34 +192,19 @@ def plot(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _quick(args: argparse.Namespace) -> dict:
+    return {"width": 128, "pairs": [[0, 1], [2, 3]], "epochs": 10, "alphas": 11, "ste_steps": 40,
+            "sinkhorn_steps": 100, "widths": [16, 256], "depths": [1, 4], "depth_width": 64}
+
+
+def _full(args: argparse.Namespace) -> dict:
+    return {"width": 512, "pairs": [[0, 1], [2, 3], [4, 5]], "epochs": 10, "alphas": 21, "ste_steps": 200,
+            "sinkhorn_steps": 200, "widths": [16, 32, 64, 128, 256, 512], "depths": [1, 2, 3, 4], "depth_width": 128}
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small models, no files, assert the claims (CI)")
-    parser.add_argument("--out", type=Path, default=OUT, help="folder of lmc_mlp.json/.png (full mode)")
-    parser.add_argument("--replot", action="store_true", help="redraw the PNG from the JSON of a full run, and stop")
-    args = parser.parse_args(argv)
-    if args.replot:
-        plot(json.loads((args.out / "lmc_mlp.json").read_text()), args.out / "lmc_mlp.png")
-        return 0
-    torch.set_num_threads(1)
-    if args.quick:
-        cfg = {"width": 128, "pairs": [[0, 1], [2, 3]], "epochs": 10, "alphas": 11, "ste_steps": 40,
-               "sinkhorn_steps": 100, "widths": [16, 256], "depths": [1, 4], "depth_width": 64}
-    else:
-        cfg = {"width": 512, "pairs": [[0, 1], [2, 3], [4, 5]], "epochs": 10, "alphas": 21, "ste_steps": 200,
-               "sinkhorn_steps": 200, "widths": [16, 32, 64, 128, 256, 512], "depths": [1, 2, 3, 4], "depth_width": 128}
-    res = run(cfg)
-    print(table(res))
-    fails = check(res)
-    res["claims_hold"] = not fails
-    if not args.quick:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "lmc_mlp.json").write_text(json.dumps(res, indent=1))
-        plot(res, args.out / "lmc_mlp.png")
-        print(f"wrote {args.out / 'lmc_mlp.json'} and {args.out / 'lmc_mlp.png'} ({res['seconds']} s)")
-    for f in fails:
-        print("CLAIM FAILED:", f, file=sys.stderr)
-    return 1 if fails else 0
+    return experiment.main("lmc_mlp", __doc__, quick=_quick, full=_full, run=run, table=table, check=check,
+                           plot=plot, argv=argv)
 
 
 if __name__ == "__main__":

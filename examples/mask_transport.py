@@ -25,18 +25,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
+import _experiment as experiment
 import torch
 
 import permgraph
 from permgraph.demo import evaluator, load_digits, make_mlp, train
 
-OUT = Path(__file__).resolve().parent.parent / "docs" / "science"
 KINDS = ("own_imp", "transported", "unpermuted", "one_shot")
 LABELS = {"own_imp": "B's own IMP mask (gold standard)", "transported": "A's mask, permuted onto B",
           "unpermuted": "A's mask, unpermuted", "one_shot": "one-shot pruning of B"}
@@ -180,32 +179,17 @@ def plot(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _quick(args: argparse.Namespace) -> dict:
+    return {"width": 128, "pairs": [[0, 1], [2, 3]], "epochs": 10, "rate": 0.5, "levels": 4}
+
+
+def _full(args: argparse.Namespace) -> dict:
+    return {"width": 256, "pairs": [[0, 1], [2, 3], [4, 5]], "epochs": 10, "rate": 0.3, "levels": 8}
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smaller models, no files, assert the claims (CI)")
-    parser.add_argument("--out", type=Path, default=OUT, help="folder of mask_transport.json/.png (full mode)")
-    parser.add_argument("--replot", action="store_true", help="redraw the PNG from the JSON of a full run, and stop")
-    args = parser.parse_args(argv)
-    if args.replot:
-        plot(json.loads((args.out / "mask_transport.json").read_text()), args.out / "mask_transport.png")
-        return 0
-    torch.set_num_threads(1)
-    if args.quick:
-        cfg = {"width": 128, "pairs": [[0, 1], [2, 3]], "epochs": 10, "rate": 0.5, "levels": 4}
-    else:
-        cfg = {"width": 256, "pairs": [[0, 1], [2, 3], [4, 5]], "epochs": 10, "rate": 0.3, "levels": 8}
-    res = run(cfg)
-    print(table(res))
-    fails = check(res)
-    res["claims_hold"] = not fails
-    if not args.quick:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "mask_transport.json").write_text(json.dumps(res, indent=1))
-        plot(res, args.out / "mask_transport.png")
-        print(f"wrote {args.out / 'mask_transport.json'} and {args.out / 'mask_transport.png'} ({res['seconds']} s)")
-    for f in fails:
-        print("CLAIM FAILED:", f, file=sys.stderr)
-    return 1 if fails else 0
+    return experiment.main("mask_transport", __doc__, quick=_quick, full=_full, run=run, table=table, check=check,
+                           plot=plot, argv=argv)
 
 
 if __name__ == "__main__":

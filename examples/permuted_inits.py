@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
+import _experiment as experiment
 import torch
 import torch.nn.functional as F
 
@@ -35,7 +35,6 @@ import permgraph
 from permgraph.demo import batches, evaluator, load_digits, make_mlp, train
 from permgraph.match.gradient import gradient_matching, loss_directions
 
-OUT = Path(__file__).resolve().parent.parent / "docs" / "science"
 CHANCE = 0.1
 
 
@@ -244,36 +243,21 @@ def plot(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _quick(args: argparse.Namespace) -> dict:
+    return {"width": 256, "pairs": [[0, 1], [2, 3]], "epochs": 10, "alphas": 5, "steps": [0, 50],
+            "foof_dampings": [], "many_widths": [256], "many_n": [2, 4], "many_bases": [10, 20]}
+
+
+def _full(args: argparse.Namespace) -> dict:
+    return {"width": 512, "pairs": [[0, 1], [2, 3], [4, 5]], "epochs": 10, "alphas": 11,
+            "steps": [0, 5, 10, 25, 50, 100, 220], "foof_dampings": [0.01, 1.0, 10.0],
+            "many_widths": [64, 256, 1024], "many_n": [2, 3, 4, 6],
+            "many_bases": [10, 20, 30]}
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small models, no files, assert the claims (CI)")
-    parser.add_argument("--out", type=Path, default=OUT, help="folder of permuted_inits.json/.png (full mode)")
-    parser.add_argument("--replot", action="store_true", help="redraw the PNG from the JSON of a full run, and stop")
-    args = parser.parse_args(argv)
-    if args.replot:
-        plot(json.loads((args.out / "permuted_inits.json").read_text()), args.out / "permuted_inits.png")
-        return 0
-    torch.set_num_threads(1)
-    if args.quick:
-        cfg = {"width": 256, "pairs": [[0, 1], [2, 3]], "epochs": 10, "alphas": 5, "steps": [0, 50],
-               "foof_dampings": [], "many_widths": [256], "many_n": [2, 4], "many_bases": [10, 20]}
-    else:
-        cfg = {"width": 512, "pairs": [[0, 1], [2, 3], [4, 5]], "epochs": 10, "alphas": 11,
-               "steps": [0, 5, 10, 25, 50, 100, 220], "foof_dampings": [0.01, 1.0, 10.0],
-               "many_widths": [64, 256, 1024], "many_n": [2, 3, 4, 6],
-               "many_bases": [10, 20, 30]}
-    res = run(cfg)
-    print(table(res))
-    fails = check(res)
-    res["claims_hold"] = not fails
-    if not args.quick:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "permuted_inits.json").write_text(json.dumps(res, indent=1))
-        plot(res, args.out / "permuted_inits.png")
-        print(f"wrote {args.out / 'permuted_inits.json'} and {args.out / 'permuted_inits.png'} ({res['seconds']} s)")
-    for f in fails:
-        print("CLAIM FAILED:", f, file=sys.stderr)
-    return 1 if fails else 0
+    return experiment.main("permuted_inits", __doc__, quick=_quick, full=_full, run=run, table=table, check=check,
+                           plot=plot, argv=argv)
 
 
 if __name__ == "__main__":

@@ -23,19 +23,18 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
+import _experiment as experiment
 import torch
 
 import permgraph
 from permgraph.demo import batches, evaluator, load_digits, make_mlp, train
 from permgraph.match.many import cycle_consistent_maps, cycle_error, pairwise_maps
 
-OUT = Path(__file__).resolve().parent.parent / "docs" / "science"
 MATCHERS = ("weight_matching", "activation_matching")
 LABELS = {"naive": "naive", "weight_matching": "weight matching", "activation_matching": "activation matching"}
 
@@ -183,33 +182,18 @@ def plot(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _quick(args: argparse.Namespace) -> dict:
+    return {"widths": [32, 256], "triples": [[0, 1, 2], [3, 4, 5]], "epochs": 10, "alphas": 5, "merge_widths": [256]}
+
+
+def _full(args: argparse.Namespace) -> dict:
+    return {"widths": [32, 64, 128, 256, 512, 1024], "triples": [[0, 1, 2], [3, 4, 5], [6, 7, 8]], "epochs": 10,
+            "alphas": 11, "merge_widths": [128, 512]}
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer widths, no files, assert the claims (CI)")
-    parser.add_argument("--out", type=Path, default=OUT, help="folder of three_networks.json/.png (full mode)")
-    parser.add_argument("--replot", action="store_true", help="redraw the PNG from the JSON of a full run, and stop")
-    args = parser.parse_args(argv)
-    if args.replot:
-        plot(json.loads((args.out / "three_networks.json").read_text()), args.out / "three_networks.png")
-        return 0
-    torch.set_num_threads(1)
-    if args.quick:
-        cfg = {"widths": [32, 256], "triples": [[0, 1, 2], [3, 4, 5]], "epochs": 10, "alphas": 5, "merge_widths": [256]}
-    else:
-        cfg = {"widths": [32, 64, 128, 256, 512, 1024], "triples": [[0, 1, 2], [3, 4, 5], [6, 7, 8]], "epochs": 10,
-               "alphas": 11, "merge_widths": [128, 512]}
-    res = run(cfg)
-    print(table(res))
-    fails = check(res)
-    res["claims_hold"] = not fails
-    if not args.quick:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "three_networks.json").write_text(json.dumps(res, indent=1))
-        plot(res, args.out / "three_networks.png")
-        print(f"wrote {args.out / 'three_networks.json'} and {args.out / 'three_networks.png'} ({res['seconds']} s)")
-    for f in fails:
-        print("CLAIM FAILED:", f, file=sys.stderr)
-    return 1 if fails else 0
+    return experiment.main("three_networks", __doc__, quick=_quick, full=_full, run=run, table=table, check=check,
+                           plot=plot, argv=argv)
 
 
 if __name__ == "__main__":

@@ -20,19 +20,18 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
+import _experiment as experiment
 import torch
 import torch.nn.functional as F
 
 import permgraph
 from permgraph.demo import batches, evaluator, load_digits, make_mlp
 
-OUT = Path(__file__).resolve().parent.parent / "docs" / "science"
 MATCHERS = ("weight_matching", "activation_matching")
 LABELS = {"naive": "naive", "weight_matching": "weight matching", "activation_matching": "activation matching"}
 
@@ -180,34 +179,19 @@ def plot(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _quick(args: argparse.Namespace) -> dict:
+    return {"width": 128, "pairs": [[0, 1], [2, 3]], "steps": [0, 5, 25, 220], "alphas": 5, "early_step": 5,
+            "from_step": 25}
+
+
+def _full(args: argparse.Namespace) -> dict:
+    return {"width": 512, "pairs": [[0, 1], [2, 3], [4, 5]], "steps": [0, 2, 5, 10, 25, 50, 100, 150, 220],
+            "alphas": 11, "early_step": 5, "from_step": 25}
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small models, no files, assert the claims (CI)")
-    parser.add_argument("--out", type=Path, default=OUT, help="folder of trajectories.json/.png (full mode)")
-    parser.add_argument("--replot", action="store_true", help="redraw the PNG from the JSON of a full run, and stop")
-    args = parser.parse_args(argv)
-    if args.replot:
-        plot(json.loads((args.out / "trajectories.json").read_text()), args.out / "trajectories.png")
-        return 0
-    torch.set_num_threads(1)
-    if args.quick:
-        cfg = {"width": 128, "pairs": [[0, 1], [2, 3]], "steps": [0, 5, 25, 220], "alphas": 5, "early_step": 5,
-               "from_step": 25}
-    else:
-        cfg = {"width": 512, "pairs": [[0, 1], [2, 3], [4, 5]], "steps": [0, 2, 5, 10, 25, 50, 100, 150, 220],
-               "alphas": 11, "early_step": 5, "from_step": 25}
-    res = run(cfg)
-    print(table(res))
-    fails = check(res)
-    res["claims_hold"] = not fails
-    if not args.quick:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "trajectories.json").write_text(json.dumps(res, indent=1))
-        plot(res, args.out / "trajectories.png")
-        print(f"wrote {args.out / 'trajectories.json'} and {args.out / 'trajectories.png'} ({res['seconds']} s)")
-    for f in fails:
-        print("CLAIM FAILED:", f, file=sys.stderr)
-    return 1 if fails else 0
+    return experiment.main("trajectories", __doc__, quick=_quick, full=_full, run=run, table=table, check=check,
+                           plot=plot, argv=argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,53 @@
+"""The command line shared by the science experiments in this folder (not an example itself).
+
+Each experiment is ``run(cfg) -> results``, ``table(results) -> str``, ``check(results) ->
+[failed claims]`` and ``plot(results, path)``; `main` gives it the same options everywhere:
+no argument runs the full experiment and writes ``docs/science/NAME.json`` and ``.png``;
+``--quick`` runs a small one, writes nothing and exits 1 when a claim fails (CI runs that);
+``--replot`` redraws the figure from the JSON of a full run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+OUT = Path(__file__).resolve().parent.parent / "docs" / "science"
+
+Config = Callable[[argparse.Namespace], dict[str, Any]]
+
+
+def main(name: str, doc: str | None, *, quick: Config, full: Config, run: Callable[[dict[str, Any]], dict[str, Any]],
+         table: Callable[[dict[str, Any]], str], check: Callable[[dict[str, Any]], list[str]],
+         plot: Callable[[dict[str, Any], Path], None], options: Callable[[argparse.ArgumentParser], None] | None = None,
+         argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(doc or name).split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a small run, no files, assert the claims (CI)")
+    parser.add_argument("--out", type=Path, default=OUT, help=f"folder of {name}.json/.png (full mode)")
+    parser.add_argument("--replot", action="store_true", help="redraw the PNG from the JSON of a full run, and stop")
+    if options is not None:
+        options(parser)
+    args = parser.parse_args(argv)
+    data, figure = args.out / f"{name}.json", args.out / f"{name}.png"
+    if args.replot:
+        plot(json.loads(data.read_text()), figure)
+        return 0
+    torch.set_num_threads(1)
+    res = run((quick if args.quick else full)(args))
+    print(table(res))
+    fails = check(res)
+    res["claims_hold"] = not fails
+    if not args.quick:
+        args.out.mkdir(parents=True, exist_ok=True)
+        data.write_text(json.dumps(res, indent=1))
+        plot(res, figure)
+        print(f"wrote {data} and {figure}" + (f" ({res['seconds']} s)" if "seconds" in res else ""))
+    for f in fails:
+        print("CLAIM FAILED:", f, file=sys.stderr)
+    return 1 if fails else 0
