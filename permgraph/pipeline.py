@@ -182,13 +182,15 @@ def align_checkpoints(
 ) -> tuple[dict[str, torch.Tensor], Any]:
     """Align checkpoint B to A and write B aligned, streaming (see the module docstring).
 
+    The matching arguments (``method``, ``seed``, ``max_memory``, ``device``, ``dtype``,
+    ``batches``, ``load_models``) are those of `match_checkpoints`; the writing ones
+    (``overwrite``, ``max_shard_size``, ``progress``) those of
+    `permgraph.checkpoint.write_checkpoint`.
+
     Args:
         arch: from `architecture` over ``[A, B]``.
         out: the output folder (or ``.safetensors`` file).
-        method, seed, max_memory, device, dtype, batches, load_models: as for
-            `match_checkpoints`.
         perm_out: also write the permutation file here.
-        overwrite, max_shard_size, progress: as for `permgraph.checkpoint.write_checkpoint`.
 
     Returns:
         ``(perm, history)`` (the history of weight matching; None for activation matching).
