@@ -105,7 +105,7 @@ def _live_model(args: argparse.Namespace, arch: Architecture, state: Any) -> tor
 def _match_options(args: argparse.Namespace) -> dict[str, Any]:
     from permgraph.match.weight import DEFAULT_MAX_MEMORY
 
-    if args.device != "cpu" and str(args.device).startswith("cuda") and not torch.cuda.is_available():
+    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
         raise PermGraphError(f"--device {args.device}: no CUDA device is available here; use --device cpu")
     return {"seed": args.seed, "max_memory": DEFAULT_MAX_MEMORY if args.max_memory is None else args.max_memory,
             "device": args.device, "dtype": getattr(torch, args.dtype) if args.dtype else None}
