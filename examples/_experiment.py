@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -51,3 +52,21 @@ def main(name: str, doc: str | None, *, quick: Config, full: Config, run: Callab
     for f in fails:
         print("CLAIM FAILED:", f, file=sys.stderr)
     return 1 if fails else 0
+
+
+def mean_sd(xs: list[float]) -> dict[str, Any]:
+    """Mean, standard deviation (0 for one value), min, max, count and the values of ``xs``."""
+    return {"mean": statistics.fmean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0,
+            "min": min(xs), "max": max(xs), "n": len(xs), "values": list(xs)}
+
+
+def save_figure(fig: Any, axes: Any, path: Path) -> None:
+    """Grid and legend on every axis, then the figure written to ``path`` and closed."""
+    import matplotlib.pyplot as plt
+
+    for a in axes:
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

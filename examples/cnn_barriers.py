@@ -35,11 +35,6 @@ LABELS = {"naive": "naive", "weight_matching": "weight matching", "activation_ma
           "activation_matching+reset_bn": "act. matching + BN reset", "activation_matching+repair": "act. matching + REPAIR"}
 
 
-def mean_sd(xs: list[float]) -> dict[str, float]:
-    """Mean, standard deviation (0 for one value), min and max of ``xs``."""
-    return {"mean": statistics.fmean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0,
-            "min": min(xs), "max": max(xs), "n": len(xs), "values": list(xs)}
-
 
 def make_cnn(c: int, bn: bool) -> nn.Sequential:
     """Three 3x3 convolutions (c, c, 2c channels; ReLU, BatchNorm when ``bn``), a 2x2 max-pool
@@ -102,9 +97,9 @@ def run(cfg: dict) -> dict:
         rs = [curves(cfg["channels"], bn, tuple(p), data, cfg, cfg["lr"], variants)
               for p in tqdm(cfg["pairs"], desc=f"CNN{' + BN' if bn else ''}", leave=False)]
         out["fixes"]["bn" if bn else "plain"] = {
-            v: {"loss_barrier": mean_sd([r[v].loss_barrier for r in rs]),
-                "accuracy_barrier": mean_sd([float(r[v].accuracy_barrier) for r in rs]),
-                "endpoint_accuracy": mean_sd([x for r in rs for x in (r[v].accuracy[0], r[v].accuracy[-1])]),
+            v: {"loss_barrier": experiment.mean_sd([r[v].loss_barrier for r in rs]),
+                "accuracy_barrier": experiment.mean_sd([float(r[v].accuracy_barrier) for r in rs]),
+                "endpoint_accuracy": experiment.mean_sd([x for r in rs for x in (r[v].accuracy[0], r[v].accuracy[-1])]),
                 "curve": {"alphas": rs[0][v].alphas,
                           "loss": [statistics.fmean(r[v].loss[i] for r in rs) for i in range(len(rs[0][v].alphas))],
                           "accuracy": [statistics.fmean(r[v].accuracy[i] for r in rs) for i in range(len(rs[0][v].alphas))]}}
@@ -113,8 +108,8 @@ def run(cfg: dict) -> dict:
     for lr in tqdm(cfg["lrs"], desc="learning rates", leave=False):
         rs = [curves(cfg["channels"], False, tuple(p), data, {**cfg, "epochs": cfg["lr_epochs"]}, lr, ("naive", "activation_matching"))
               for p in cfg["lr_pairs"]]
-        out["lr"][repr(lr)] = {v: {"loss_barrier": mean_sd([r[v].loss_barrier for r in rs]),
-                                   "endpoint_accuracy": mean_sd([x for r in rs for x in (r[v].accuracy[0], r[v].accuracy[-1])])}
+        out["lr"][repr(lr)] = {v: {"loss_barrier": experiment.mean_sd([r[v].loss_barrier for r in rs]),
+                                   "endpoint_accuracy": experiment.mean_sd([x for r in rs for x in (r[v].accuracy[0], r[v].accuracy[-1])])}
                                for v in ("naive", "activation_matching")}
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
@@ -186,12 +181,7 @@ def plot(res: dict, path: Path) -> None:
     twin.legend(fontsize=8, loc="lower right")
     ax[2].set(xlabel="Adam learning rate", ylabel="test loss barrier (dots: pairs; 0 drawn at 1e-3)",
               title="barrier against learning rate (plain CNN)", xscale="log", yscale="log")
-    for a in ax:
-        a.grid(alpha=0.3)
-        a.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    experiment.save_figure(fig, ax, path)
 
 
 def _quick(args: argparse.Namespace) -> dict:

@@ -41,11 +41,6 @@ LABELS = {"naive": "naive merge", "weight_matching": "merge after weight matchin
           "activation_matching": "merge after activation matching"}
 
 
-def mean_sd(xs: list[float]) -> dict[str, float]:
-    """Mean, standard deviation (0 for one value), min, max and the values."""
-    return {"mean": statistics.fmean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0,
-            "min": min(xs), "max": max(xs), "n": len(xs), "values": list(xs)}
-
 
 def biased_halves(y: torch.Tensor, bias: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Disjoint index sets: the first holds ``bias`` of the images of 0-4 and ``1 - bias``
@@ -102,9 +97,9 @@ def run_width(h: int, cfg: dict, data) -> dict:
            "accuracy_sd": {m: [statistics.stdev(c.accuracy[i] for c in cs) if len(cs) > 1 else 0.0 for i in range(len(alphas))]
                            for m, cs in curves.items()},
            "loss": {m: [statistics.fmean(c.loss[i] for c in cs) for i in range(len(alphas))] for m, cs in curves.items()},
-           "best_merge_accuracy": {m: mean_sd([max(c.accuracy) for c in cs]) for m, cs in curves.items()},
-           "midpoint_accuracy": {m: mean_sd([c.accuracy[len(alphas) // 2] for c in cs]) for m, cs in curves.items()},
-           "models": {k: mean_sd(v) for k, v in single.items()},
+           "best_merge_accuracy": {m: experiment.mean_sd([max(c.accuracy) for c in cs]) for m, cs in curves.items()},
+           "midpoint_accuracy": {m: experiment.mean_sd([c.accuracy[len(alphas) // 2] for c in cs]) for m, cs in curves.items()},
+           "models": {k: experiment.mean_sd(v) for k, v in single.items()},
            "seconds": round(time.perf_counter() - t0, 1)}
     return out
 
@@ -185,12 +180,7 @@ def plot(res: dict, path: Path) -> None:
     ax[1].set(xlabel="hidden width", ylabel="test accuracy, all digits (%)", xscale="log", title="against width")
     ax[1].set_xticks([int(h) for h in ws], [h for h in ws])
     ax[1].minorticks_off()
-    for a in ax:
-        a.grid(alpha=0.3)
-        a.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    experiment.save_figure(fig, ax, path)
 
 
 def _quick(args: argparse.Namespace) -> dict:

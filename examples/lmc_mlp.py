@@ -38,11 +38,6 @@ LABELS = {"naive": "naive", "weight_matching": "weight matching", "activation_ma
           "ste": "STE", "sinkhorn": "Sinkhorn (L2)"}
 
 
-def mean_sd(xs: list[float]) -> dict[str, float]:
-    """Mean, standard deviation (0 for one value), min and max of ``xs``."""
-    return {"mean": statistics.fmean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0,
-            "min": min(xs), "max": max(xs), "n": len(xs)}
-
 
 def train_pair(widths: tuple[int, ...], pair: tuple[int, int], data, epochs: int) -> list[torch.nn.Module]:
     """Two MLPs of ``widths`` trained from the seeds of ``pair`` (init and batch order)."""
@@ -82,8 +77,8 @@ def barriers(widths: tuple[int, ...], pair: tuple[int, int], data, methods: tupl
 
 def summarise(curves: list[dict[str, permgraph.metrics.Curve]]) -> dict[str, dict[str, dict[str, float]]]:
     """Method -> {"loss_barrier", "accuracy_barrier"} -> mean_sd over the pairs."""
-    return {m: {"loss_barrier": mean_sd([c[m].loss_barrier for c in curves]),
-                "accuracy_barrier": mean_sd([float(c[m].accuracy_barrier) for c in curves])}
+    return {m: {"loss_barrier": experiment.mean_sd([c[m].loss_barrier for c in curves]),
+                "accuracy_barrier": experiment.mean_sd([float(c[m].accuracy_barrier) for c in curves])}
             for m in curves[0]}
 
 
@@ -102,7 +97,7 @@ def run(cfg: dict) -> dict:
                        "curves": {m: {"alphas": runs[0][m].alphas,
                                       "loss": [statistics.fmean(r[m].loss[i] for r in runs) for i in range(len(runs[0][m].alphas))],
                                       "accuracy": [statistics.fmean(r[m].accuracy[i] for r in runs) for i in range(len(runs[0][m].alphas))],
-                                      "endpoint_accuracy": mean_sd([x for r in runs for x in (r[m].accuracy[0], r[m].accuracy[-1])])}
+                                      "endpoint_accuracy": experiment.mean_sd([x for r in runs for x in (r[m].accuracy[0], r[m].accuracy[-1])])}
                                   for m in METHODS}}
 
     # 2. width sweep (two hidden layers)
@@ -184,12 +179,7 @@ def plot(res: dict, path: Path) -> None:
         if part == "width":
             ax[i].set_xscale("log", base=2)
         ax[i].set_yscale("log")
-    for a in ax:
-        a.grid(alpha=0.3)
-        a.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    experiment.save_figure(fig, ax, path)
 
 
 def _quick(args: argparse.Namespace) -> dict:

@@ -41,11 +41,6 @@ LABELS = {"own_imp": "B's own IMP mask (gold standard)", "transported": "A's mas
           "unpermuted": "A's mask, unpermuted", "one_shot": "one-shot pruning of B"}
 
 
-def mean_sd(xs: list[float]) -> dict[str, float]:
-    """Mean, standard deviation (0 for one value), min, max and the values."""
-    return {"mean": statistics.fmean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0,
-            "min": min(xs), "max": max(xs), "n": len(xs), "values": list(xs)}
-
 
 def prunable(state: dict[str, torch.Tensor]) -> list[str]:
     """The weight matrices (the Linear layers' ``weight``)."""
@@ -125,8 +120,8 @@ def run(cfg: dict) -> dict:
                 acc[kind][lv].append(evaluate(sd)[1])
     return {"config": cfg, "widths": list(widths),
             "sparsity": {str(lv): 1 - (1 - cfg["rate"]) ** lv for lv in levels},
-            "dense_accuracy": mean_sd(dense),
-            "accuracy": {k: {str(lv): mean_sd(v) for lv, v in d.items()} for k, d in acc.items()},
+            "dense_accuracy": experiment.mean_sd(dense),
+            "accuracy": {k: {str(lv): experiment.mean_sd(v) for lv, v in d.items()} for k, d in acc.items()},
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -172,11 +167,7 @@ def plot(res: dict, path: Path) -> None:
     ax.axhline(100 * res["dense_accuracy"]["mean"], color="black", ls=":", label="dense B")
     ax.set(xlabel="sparsity of the Linear weights (%)", ylabel="test accuracy of B, retrained (%)",
            title=f"moving IMP masks from A to B (MLP {'-'.join(map(str, res['widths']))})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    experiment.save_figure(fig, [ax], path)
 
 
 def _quick(args: argparse.Namespace) -> dict:

@@ -38,11 +38,6 @@ from permgraph.match.gradient import gradient_matching, loss_directions
 CHANCE = 0.1
 
 
-def mean_sd(xs: list[float]) -> dict[str, float]:
-    """Mean, standard deviation (0 for one value), min and max of ``xs``."""
-    return {"mean": statistics.fmean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0,
-            "min": min(xs), "max": max(xs), "n": len(xs)}
-
 
 def init(widths: tuple[int, ...], seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
@@ -125,13 +120,13 @@ def run(cfg: dict) -> dict:
     alphas = permgraph.interpolation_curve(a0, b0, lambda sd: 0.0, cfg["alphas"]).alphas
     out["two_inits"] = {
         "widths": list(widths),
-        "midpoint_accuracy": {n: mean_sd(parts[n]) for n in ("naive", "trained_perm", "gradient", "foof")},
+        "midpoint_accuracy": {n: experiment.mean_sd(parts[n]) for n in ("naive", "trained_perm", "gradient", "foof")},
         "curves": {"alphas": alphas, **{n: [statistics.fmean(c[n][i] for c in parts["curves"]) for i in range(len(alphas))]
                                         for n in ("naive", "trained_perm", "gradient", "foof")}},
     }
-    out["foof_damping"] = {repr(d): mean_sd(v) for d, v in damped.items()}
-    out["perm_after_steps"] = {str(k): {"init_midpoint_accuracy": mean_sd(perm_at[k]),
-                                        "trained_loss_barrier": mean_sd(barrier_at[k])} for k in cfg["steps"]}
+    out["foof_damping"] = {repr(d): experiment.mean_sd(v) for d, v in damped.items()}
+    out["perm_after_steps"] = {str(k): {"init_midpoint_accuracy": experiment.mean_sd(perm_at[k]),
+                                        "trained_loss_barrier": experiment.mean_sd(barrier_at[k])} for k in cfg["steps"]}
 
     # 2. averaging n permuted initialisations (one hidden layer)
     out["many"] = {}
@@ -149,7 +144,7 @@ def run(cfg: dict) -> dict:
             for n in cfg["many_n"]:
                 avg = {k: torch.stack([s[k] for s in permuted[:n]]).mean(0) for k in permuted[0]}
                 acc[n].append(ev1(avg)[1])
-        out["many"][str(h)] = {str(n): mean_sd(v) for n, v in acc.items()}
+        out["many"][str(h)] = {str(n): experiment.mean_sd(v) for n, v in acc.items()}
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
 
@@ -235,12 +230,7 @@ def plot(res: dict, path: Path) -> None:
               color="tab:red", marker="s", ms=3, ls="--", label="loss barrier of the trained nets (right)")
     twin.set_ylabel("trained networks' loss barrier")
     twin.legend(fontsize=8, loc="center right")
-    for a in ax:
-        a.grid(alpha=0.3)
-        a.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    experiment.save_figure(fig, ax, path)
 
 
 def _quick(args: argparse.Namespace) -> dict:

@@ -39,11 +39,6 @@ MATCHERS = ("weight_matching", "activation_matching")
 LABELS = {"naive": "naive", "weight_matching": "weight matching", "activation_matching": "activation matching"}
 
 
-def mean_sd(xs: list[float]) -> dict[str, float]:
-    """Mean, standard deviation (0 for one value), min, max and the values."""
-    return {"mean": statistics.fmean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0,
-            "min": min(xs), "max": max(xs), "n": len(xs), "values": list(xs)}
-
 
 def run(cfg: dict) -> dict:
     from tqdm.auto import tqdm
@@ -94,7 +89,7 @@ def run(cfg: dict) -> dict:
                 loss, acc = evaluate(merged.merged)
                 res.setdefault("merge_many/merged_accuracy", []).append(acc)
                 res.setdefault("endpoint_accuracy", []).extend(evaluate(s)[1] for s in (sa, sb, sc))
-        out["width"][str(h)] = {k: mean_sd(v) for k, v in res.items()}
+        out["width"][str(h)] = {k: experiment.mean_sd(v) for k, v in res.items()}
     out["chance_fixed_points"] = {str(h): 1 / h for h in cfg["widths"]}
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
@@ -174,12 +169,7 @@ def plot(res: dict, path: Path) -> None:
     ax[1].plot(x, [res["chance_fixed_points"][h] for h in ws], color="grey", ls=":", label="two random permutations")
     ax[1].set(xlabel="hidden width", ylabel="fixed points, direct C->B vs C->A->B", xscale="log", yscale="log",
               title="do the maps through A equal the direct ones?")
-    for a in ax:
-        a.grid(alpha=0.3)
-        a.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    experiment.save_figure(fig, ax, path)
 
 
 def _quick(args: argparse.Namespace) -> dict:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,11 +34,6 @@ from permgraph.demo import batches, evaluator, load_digits, make_mlp
 MATCHERS = ("weight_matching", "activation_matching")
 LABELS = {"naive": "naive", "weight_matching": "weight matching", "activation_matching": "activation matching"}
 
-
-def mean_sd(xs: list[float]) -> dict[str, float]:
-    """Mean, standard deviation (0 for one value), min, max and the values."""
-    return {"mean": statistics.fmean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0,
-            "min": min(xs), "max": max(xs), "n": len(xs), "values": list(xs)}
 
 
 def trajectory(widths: tuple[int, ...], seed: int, data, steps: list[int]) -> dict[int, dict[str, torch.Tensor]]:
@@ -100,9 +94,9 @@ def run(cfg: dict) -> dict:
                 fixed[m][t].append(permgraph.fixed_points(perms[t][m], perms[last][m]).overall)  # 3.
             fixed["wm_vs_am"][t].append(permgraph.fixed_points(perms[t]["weight_matching"], perms[t]["activation_matching"]).overall)
     res = {"config": cfg, "widths": list(widths),
-           "final_perm_along_trajectory": {m: {str(t): mean_sd(v) for t, v in d.items()} for m, d in along.items()},
-           "perm_at_t_on_final": {m: {str(t): mean_sd(v) for t, v in d.items()} for m, d in early.items()},
-           "fixed_points_with_final": {m: {str(t): mean_sd(v) for t, v in d.items()} for m, d in fixed.items()},
+           "final_perm_along_trajectory": {m: {str(t): experiment.mean_sd(v) for t, v in d.items()} for m, d in along.items()},
+           "perm_at_t_on_final": {m: {str(t): experiment.mean_sd(v) for t, v in d.items()} for m, d in early.items()},
+           "fixed_points_with_final": {m: {str(t): experiment.mean_sd(v) for t, v in d.items()} for m, d in fixed.items()},
            "chance_fixed_points": 1 / cfg["width"], "seconds": round(time.perf_counter() - t0, 1)}
     return res
 
@@ -171,12 +165,7 @@ def plot(res: dict, path: Path) -> None:
     ax[0].set(xlabel="training step of both networks", ylabel="test loss barrier")
     ax[1].set(xlabel="step t at which the permutation is found", ylabel="test loss barrier of the final networks")
     ax[2].set(xlabel="step t", ylabel="fraction of units mapped alike")
-    for a in ax:
-        a.grid(alpha=0.3)
-        a.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    experiment.save_figure(fig, ax, path)
 
 
 def _quick(args: argparse.Namespace) -> dict:
