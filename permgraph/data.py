@@ -24,13 +24,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, SequentialSampler
 
-from permgraph.errors import PermGraphError
+from permgraph.errors import (
+    DataError,
+    )
 
 __all__ = ["DataError", "pick", "shard_of", "BatchShardSampler", "Batches", "batches"]
-
-
-class DataError(PermGraphError, ValueError):
-    """A data source or an ``inputs`` choice that cannot be turned into model inputs."""
 
 
 def pick(*keys: str | int) -> Callable[[Any], Any]:

@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from permgraph.errors import PermGraphError
+from permgraph.errors import (
+    DemoError,
+    )
 from permgraph.metrics import Curve, FixedPoints, fixed_points, interpolation_curve
 
 __all__ = [
@@ -42,10 +44,6 @@ __all__ = [
 
 METHODS = ("naive", "weight_matching", "activation_matching")
 LABELS = {"naive": "naive", "weight_matching": "weight matching", "activation_matching": "activation matching"}
-
-
-class DemoError(PermGraphError, RuntimeError):
-    """The demo cannot run (an optional dependency is missing, a bad option)."""
 
 
 @dataclass

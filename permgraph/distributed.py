@@ -42,7 +42,13 @@ from typing import Any
 
 import torch
 
-from permgraph.errors import PermGraphError
+from permgraph.errors import (
+    DistributedError,
+    RankDriftWarning,
+    RankFailedError,
+    RankMismatchError,
+    RankTimeoutError,
+)
 
 __all__ = [
     "DistributedError",
@@ -75,40 +81,6 @@ _SLOTS = 24  # handshake slots per call
 _HEAD = 24  # status, slots used, which slots hold Approx items
 _MESSAGE = 1024 - _HEAD - 8 * _SLOTS  # bytes of a failing rank's message
 _OK, _FAILED = 1, 2
-
-
-class DistributedError(PermGraphError, RuntimeError):
-    """The ranks of a process group could not reduce their statistics together."""
-
-
-class RankMismatchError(DistributedError, ValueError):
-    """Ranks passed different models, specs, options or statistics shapes to the same call.
-
-    Attributes:
-        ranks: the ranks that differ from rank 0 (the group's ranks, in its numbering).
-        item: what differs (``"spec"``, ``"model_a"``, ``"method"``, ...).
-    """
-
-    def __init__(self, message: str, ranks: tuple[int, ...] = (), item: str = "") -> None:
-        super().__init__(message)
-        self.ranks = ranks
-        self.item = item
-
-
-class RankFailedError(DistributedError):
-    """Another rank failed during the same call; its error message is quoted.
-
-    Attributes:
-        ranks: the ranks that failed.
-    """
-
-    def __init__(self, message: str, ranks: tuple[int, ...] = ()) -> None:
-        super().__init__(message)
-        self.ranks = ranks
-
-
-class RankTimeoutError(DistributedError, TimeoutError):
-    """Some rank did not reach a collective step within the timeout."""
 
 
 # -- groups -----------------------------------------------------------------------------
@@ -370,11 +342,6 @@ def state_fingerprint(state: Mapping[str, Any], keys: Iterable[str] | None = Non
             value += float(prod.sum())
             scale += float(prod.abs().sum())
     return Approx(value, scale)
-
-
-class RankDriftWarning(UserWarning):
-    """The ranks' models agree to a tolerance but not bit for bit (float rounding: the
-    statistics are summed anyway)."""
 
 
 def _pack(status: int, values: Sequence[int], approx: int, message: str) -> torch.Tensor:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from permgraph.errors import PermGraphError
+from permgraph.errors import DrawError, GraphvizMissingWarning
 from permgraph.spec import Layout, PermSpec
 
 __all__ = ["draw", "Drawing", "DrawError", "GraphvizMissingWarning", "FORMATS", "graphviz_missing", "check_path"]
@@ -42,15 +42,6 @@ INSTALL_HINT = (
     "install Graphviz's `dot` binary (apt-get install graphviz, brew install graphviz or "
     "conda install -c conda-forge graphviz) and the Python package (pip install \"permgraph[draw]\")"
 )
-
-
-class DrawError(PermGraphError, ValueError):
-    """A drawing cannot be made as asked: a spec without a graph, a ``module`` prefix that
-    matches nothing, an unknown output format, or a renderer that is missing or failed."""
-
-
-class GraphvizMissingWarning(UserWarning):
-    """`Drawing.save` wrote a ``.dot`` file because Graphviz is not installed."""
 
 
 # ---------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from permgraph.errors import PermGraphError, SpecMismatchError
+from permgraph.errors import FileError, FileFormatError, SpecMismatchError
 from permgraph.spec import PermSpec, missing_and_extra
 
 __all__ = [
@@ -50,15 +50,6 @@ STATE_DICT_FORMAT = "permgraph.state_dict"
 FORMAT_VERSION = 1
 
 PathLike = str | os.PathLike
-
-
-class FileFormatError(PermGraphError, ValueError):
-    """A file is not a valid permgraph safetensors file: truncated, corrupted, of another
-    format or version, or (on writing) a value that safetensors cannot store."""
-
-
-class FileError(PermGraphError, OSError):
-    """A path cannot be read or written (missing folder, no permission, a directory)."""
 
 
 def _version() -> str:

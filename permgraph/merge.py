@@ -35,14 +35,13 @@ import torch
 from torch import nn
 
 from permgraph import distributed as _dist
-from permgraph.errors import PermGraphError, SpecMismatchError
+from permgraph.errors import (
+    MergeError,
+    SpecMismatchError,
+)
 from permgraph.spec import PermSpec
 
 __all__ = ["MergeError", "interpolate", "reset_batchnorm", "repair", "RepairReport", "Correction", "batch_inputs"]
-
-
-class MergeError(PermGraphError, ValueError):
-    """A merge step was given arguments it cannot use (no data, no BatchNorm, a bad alpha)."""
 
 
 # -- interpolation ---------------------------------------------------------------------

@@ -30,7 +30,10 @@ from typing import Any
 
 import torch
 
-from permgraph.errors import PermGraphError, PermutationError
+from permgraph.errors import (
+    MetricsError,
+    PermutationError,
+)
 from permgraph.merge import interpolate
 
 __all__ = [
@@ -48,10 +51,6 @@ __all__ = [
 ]
 
 Evaluate = Callable[[dict[str, Any]], "float | tuple[float, float]"]
-
-
-class MetricsError(PermGraphError, ValueError):
-    """A metric was given values it cannot use (alphas without endpoints, NaN, mismatched lengths)."""
 
 
 @dataclass

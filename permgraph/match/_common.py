@@ -7,14 +7,13 @@ from typing import Any
 
 import torch
 
-from permgraph.errors import PermGraphError, SpecMismatchError
+from permgraph.errors import (
+    MatchError,
+    SpecMismatchError,
+)
 from permgraph.spec import PermSpec
 
 __all__ = ["MatchError", "check_spec", "check_finite", "gather_units", "compose_index", "LayoutInfo"]
-
-
-class MatchError(PermGraphError, ValueError):
-    """A matcher was called with arguments it cannot use (no batches, a bad option, ...)."""
 
 
 def check_spec(spec: Any, what: str = "spec") -> PermSpec:

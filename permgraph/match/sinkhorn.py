@@ -38,7 +38,10 @@ from typing import Any
 import torch
 
 from permgraph import lap as _lap
-from permgraph.errors import SpecMismatchError
+from permgraph.errors import (
+    SinkhornError,
+    SpecMismatchError,
+)
 from permgraph.match._common import LayoutInfo, MatchError, check_finite, check_spec
 from permgraph.spec import PermSpec
 
@@ -49,11 +52,6 @@ ABSORB = 20.0
 #: `solver="auto"` solves groups up to this size directly, larger ones by conjugate gradients
 #: (on the digits MLPs, 512 units, 200 steps: 7.0 s of conjugate gradients, 8.2 s direct).
 DIRECT_MAX = 256
-
-
-class SinkhornError(MatchError):
-    """Sinkhorn got a bad temperature or iteration count, or produced a non-finite soft
-    permutation (the learned matrix or the objective diverged)."""
 
 
 # -- the Sinkhorn operator ---------------------------------------------------------------------
