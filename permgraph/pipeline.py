@@ -39,14 +39,12 @@ class Architecture:
         model: the model the spec was traced from (on the meta device for a folder).
         inputs: the example inputs it was traced with.
         checkpoints: the opened checkpoints, checked against the spec, tied keys aliased.
-        folder: True when the architecture came from a folder's ``config.json``.
     """
 
     spec: PermSpec
     model: torch.nn.Module
     inputs: Any
     checkpoints: list[Checkpoint] = field(default_factory=list)
-    folder: bool = False
 
     def entries(self, ck: Checkpoint) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
         """What an output of this architecture holds: the stored keys of ``ck`` (tied keys
@@ -78,7 +76,6 @@ def architecture(
     from permgraph.analysis import infer
 
     cks = [open_checkpoint(p) for p in paths]
-    folder = model is None
     if model is None:
         model, built_inputs = build_model(cks[0])
         inputs = built_inputs if inputs is None else inputs
@@ -90,7 +87,7 @@ def architecture(
         ck = ck.with_aliases(tied_aliases(model, ck))
         ck.check(spec, f"checkpoint {name}")
         checked.append(ck)
-    return Architecture(spec, model, inputs, checked, folder)
+    return Architecture(spec, model, inputs, checked)
 
 
 def permuted(spec: PermSpec, perm: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> Callable[[str], torch.Tensor]:
