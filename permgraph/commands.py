@@ -288,7 +288,7 @@ def merge(args: argparse.Namespace) -> int:
 
             correct(interpolated(arch, perm, args.alpha))
         return 0
-    merge_checkpoints(arch, args.out, alpha=args.alpha, method=args.method, perm=perm, correct=correct,
+    merge_checkpoints(arch, perm, args.out, alpha=args.alpha, correct=correct,
                       **_write_options(args))
     if args.perm_out:
         save_permutation(args.perm_out, arch.spec, perm)

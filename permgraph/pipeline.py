@@ -207,38 +207,27 @@ def align_checkpoints(
 
 def merge_checkpoints(
     arch: Architecture,
+    perm: Mapping[str, torch.Tensor],
     out: str | os.PathLike,
     *,
     alpha: float = 0.5,
-    method: str = "weight",
-    perm: Mapping[str, torch.Tensor] | None = None,
     correct: Callable[[Callable[[str], torch.Tensor]], Mapping[str, torch.Tensor]] | None = None,
-    seed: int = 0,
-    max_memory: int | None = DEFAULT_MAX_MEMORY,
-    device: Any = None,
-    dtype: Any = None,
-    batches: Iterable[Any] | None = None,
-    load_models: Callable[[], tuple[Any, Any]] | None = None,
     overwrite: bool = False,
     max_shard_size: int | None = None,
     progress: bool = False,
-) -> tuple[dict[str, torch.Tensor], Any]:
-    """Align B to A, then write ``(1 - alpha) * A + alpha * P(B)``, streaming.
+) -> Path:
+    """Write ``(1 - alpha) * A + alpha * P(B)``, streaming (``perm`` from `match_checkpoints`).
 
     Floating-point tensors are interpolated in float32 (or wider) and stored in their dtype;
-    integer buffers are A's (as `permgraph.merge.interpolate`). ``perm`` skips the matching;
-    ``correct`` (BatchNorm reset, REPAIR) gets the merged tensors and returns the state_dict
-    to write, so it is the one step that holds a model in memory.
+    integer buffers are A's (as `permgraph.merge.interpolate`). ``correct`` (BatchNorm reset,
+    REPAIR) gets the merged tensors and returns the state_dict to write, so it is the one step
+    that holds a model in memory. The writing arguments are those of
+    `permgraph.checkpoint.write_checkpoint`.
 
     Returns:
-        ``(perm, history)`` as for `align_checkpoints`.
+        The path written.
     """
-    if perm is None:
-        perm, hist = match_checkpoints(arch, method=method, seed=seed, max_memory=max_memory, device=device,
-                                       dtype=dtype, batches=batches, load_models=load_models, progress=progress)
-    else:
-        arch.spec.check_permutation(perm)
-        hist = None
+    arch.spec.check_permutation(perm)
     a, b = arch.checkpoints[0], arch.checkpoints[1]
     produce = mixed = interpolated(arch, perm, alpha)
     if correct is not None:
@@ -248,10 +237,9 @@ def merge_checkpoints(
         def produce(key: str) -> torch.Tensor:
             return corrected[key].detach().to(ref[key])
 
-    write_checkpoint(out, arch.entries(a), produce, like=a, overwrite=overwrite, max_shard_size=max_shard_size,
-                     progress=progress, metadata=_metadata(arch, a, operation="merge", a=a.path, b=b.path, method=method,
-                                                           alpha=alpha))
-    return dict(perm), hist
+    return write_checkpoint(out, arch.entries(a), produce, like=a, overwrite=overwrite, max_shard_size=max_shard_size,
+                            progress=progress, metadata=_metadata(arch, a, operation="merge", a=a.path, b=b.path,
+                                                                  alpha=alpha))
 
 
 def interpolated(arch: Architecture, perm: Mapping[str, torch.Tensor], alpha: float) -> Callable[[str], torch.Tensor]:
