@@ -70,3 +70,29 @@ def save_figure(fig: Any, axes: Any, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def train_steps(model: torch.nn.Module, seed: int, data: Any, steps: list[int]) -> dict[int, torch.nn.Module]:
+    """Copies of ``model`` (in eval mode) after each number of Adam updates in ``steps``: the
+    settings of ``permgraph.demo.train`` (lr 1e-3, batch 64, reshuffled each epoch with
+    ``seed``), counted in updates instead of epochs. ``model`` itself is not changed."""
+    import copy
+
+    import torch.nn.functional as F
+
+    model = copy.deepcopy(model).train()
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    out, done, order = {}, 0, torch.empty(0, dtype=torch.int64)
+    for k in sorted(steps):
+        while done < k:
+            if len(order) == 0:
+                order = torch.randperm(len(data.x_train), generator=gen)
+            idx, order = order[:64], order[64:]
+            loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            done += 1
+        out[k] = copy.deepcopy(model).eval()
+    return out

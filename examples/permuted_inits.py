@@ -29,7 +29,6 @@ from pathlib import Path
 
 import _experiment as experiment
 import torch
-import torch.nn.functional as F
 
 import permgraph
 from permgraph.demo import batches, evaluator, load_digits, make_mlp, train
@@ -51,27 +50,6 @@ def state(m: torch.nn.Module) -> dict[str, torch.Tensor]:
 def trained(model: torch.nn.Module, seed: int, data, epochs: int) -> torch.nn.Module:
     """A trained copy of ``model`` (``permgraph.demo.train``: Adam, lr 1e-3, batch 64)."""
     return train(copy.deepcopy(model), data.x_train, data.y_train, epochs=epochs, seed=seed)
-
-
-def checkpoints(model: torch.nn.Module, seed: int, data, steps: list[int]) -> dict[int, torch.nn.Module]:
-    """Copies of ``model`` after each number of Adam steps in ``steps`` (the settings of
-    ``permgraph.demo.train``, counted in parameter updates instead of epochs)."""
-    model = copy.deepcopy(model).train()
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    out, done, order = {}, 0, torch.empty(0, dtype=torch.int64)
-    for k in sorted(steps):
-        while done < k:
-            if len(order) == 0:
-                order = torch.randperm(len(data.x_train), generator=gen)
-            idx, order = order[:64], order[64:]
-            loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            done += 1
-        out[k] = copy.deepcopy(model).eval()
-    return out
 
 
 def run(cfg: dict) -> dict:
@@ -112,7 +90,8 @@ def run(cfg: dict) -> dict:
             parts[name].append(c.accuracy[mid])
         parts["curves"].append({n: c.accuracy for n, c in curves.items()})
         # 3. permutations found after k steps, applied to the initialisations (and to the trained nets)
-        ca, cb = checkpoints(ia, sa_seed, data, cfg["steps"]), checkpoints(ib, sb_seed, data, cfg["steps"])
+        ca = experiment.train_steps(ia, sa_seed, data, cfg["steps"])
+        cb = experiment.train_steps(ib, sb_seed, data, cfg["steps"])
         for k in cfg["steps"]:
             q = permgraph.activation_matching(spec, ca[k], cb[k], xb)
             perm_at[k].append(evaluate(permgraph.interpolate(a0, spec.apply(q, b0), 0.5))[1])

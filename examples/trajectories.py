@@ -19,14 +19,12 @@ Over several seed pairs (mean ± standard deviation) the experiment measures:
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 from pathlib import Path
 
 import _experiment as experiment
 import torch
-import torch.nn.functional as F
 
 import permgraph
 from permgraph.demo import batches, evaluator, load_digits, make_mlp
@@ -37,25 +35,10 @@ LABELS = {"naive": "naive", "weight_matching": "weight matching", "activation_ma
 
 
 def trajectory(widths: tuple[int, ...], seed: int, data, steps: list[int]) -> dict[int, dict[str, torch.Tensor]]:
-    """State_dicts after each number of Adam updates in ``steps`` (the settings of
-    ``permgraph.demo.train``: lr 1e-3, batch 64, reshuffled each epoch with ``seed``)."""
+    """State_dicts of a ``make_mlp(widths)`` made from ``seed`` after each number of Adam updates
+    in ``steps`` (`_experiment.train_steps`)."""
     torch.manual_seed(seed)
-    model = make_mlp(widths).train()
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    out, done, order = {}, 0, torch.empty(0, dtype=torch.int64)
-    for k in sorted(steps):
-        while done < k:
-            if len(order) == 0:
-                order = torch.randperm(len(data.x_train), generator=gen)
-            idx, order = order[:64], order[64:]
-            loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            done += 1
-        out[k] = copy.deepcopy(model.state_dict())
-    return out
+    return {k: m.state_dict() for k, m in experiment.train_steps(make_mlp(widths), seed, data, steps).items()}
 
 
 def run(cfg: dict) -> dict:
