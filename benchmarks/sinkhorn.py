@@ -45,7 +45,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import permgraph  # noqa: E402
-from permgraph.match.sinkhorn import _SoftPermuter, sinkhorn_matching  # noqa: E402
+from permgraph.match._soft import SoftPermuter  # noqa: E402
+from permgraph.match.sinkhorn import sinkhorn_matching  # noqa: E402
 
 
 def _gemm_gflops() -> float:
@@ -63,7 +64,7 @@ def _gemm_gflops() -> float:
 
 def _objective_flops(spec: permgraph.PermSpec) -> int:
     flops = 0
-    for key, steps in _SoftPermuter(spec).plan.items():
+    for key, steps in SoftPermuter(spec).plan.items():
         numel = 1
         for s in spec.shapes[key]:
             numel *= s

@@ -14,10 +14,10 @@ from torch import nn
 import permgraph
 from permgraph.errors import PermGraphError, SpecMismatchError
 from permgraph.match._common import MatchError
+from permgraph.match._implicit import _log_iterations
 from permgraph.match.sinkhorn import (
     SinkhornError,
     SinkhornHistory,
-    _log_iterations,
     sinkhorn,
     sinkhorn_matching,
     soft_apply,
@@ -76,7 +76,7 @@ def test_gradcheck_of_the_implicit_backward(solver, n, tau):
 
 def test_gradcheck_catches_a_wrong_backward():
     """The negative control: the same check fails when the adjoint's correction is dropped."""
-    from permgraph.match import sinkhorn as module
+    from permgraph.match import _implicit as module
 
     la = torch.randn(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2)).requires_grad_()
     original = module._adjoint_direct

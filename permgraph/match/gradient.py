@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from permgraph import lap as _lap
 from permgraph.errors import SpecMismatchError
 from permgraph.match._common import MatchError
+from permgraph.match._objective import call, check_batch, default_loss, positive_int
 from permgraph.match.weight import similarity_matrices
 from permgraph.spec import PermSpec
 
@@ -176,8 +176,7 @@ def gradient_matching(
         True
     """
     t0 = time.perf_counter()
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise MatchError(f"max_iter must be a positive int, got {max_iter!r}")
+    positive_int(max_iter, "max_iter")
     spec.check_state_dict(state_a, "state_a")
     spec.check_state_dict(state_b, "state_b")
     da, db = _full(spec, state_a, direction_a, "direction_a"), _full(spec, state_b, direction_b, "direction_b")
@@ -210,10 +209,6 @@ def gradient_matching(
             break
     hist.seconds = time.perf_counter() - t0
     return (perm, hist) if return_history else perm
-
-
-def _default_loss(outputs: Any, targets: Any) -> torch.Tensor:
-    return F.cross_entropy(outputs, targets)
 
 
 def loss_directions(
@@ -256,7 +251,7 @@ def loss_directions(
         raise MatchError(f"precondition must be 'none' or 'foof', got {precondition!r}")
     if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping > 0:
         raise MatchError(f"damping must be a positive number, got {damping!r}")
-    fn = loss_fn or _default_loss
+    fn = loss_fn or default_loss
     params = dict(model.named_parameters())
     grads = {k: torch.zeros_like(p) for k, p in params.items()}
     second: dict[str, torch.Tensor] = {}
@@ -277,12 +272,9 @@ def loss_directions(
     n = 0
     try:
         for batch in batches:
-            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-                raise MatchError(f"each batch must be an (inputs, targets) pair, got {type(batch).__name__}")
-            inputs, targets = batch
+            inputs, targets = check_batch(batch)
             size = len(targets)
-            args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-            loss = fn(model(*args), targets)
+            loss = fn(call(model, None, inputs), targets)
             if not bool(torch.isfinite(loss)):
                 raise MatchError(f"the loss is not finite ({float(loss)}) on batch {n}: check the model and the data")
             g = torch.autograd.grad(loss, list(params.values()), allow_unused=True)

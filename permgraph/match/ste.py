@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from permgraph.match._common import MatchError, check_finite, check_spec
-from permgraph.match.sinkhorn import _batch_loss, _Batches, _default_loss, _midpoint, _positive_float, _positive_int
+from permgraph.match._objective import Batches, batch_loss, default_loss, midpoint, positive_float, positive_int
 from permgraph.match.weight import weight_matching
 from permgraph.spec import PermSpec
 
@@ -118,13 +118,13 @@ def ste_matching(
     """
     t_start = time.perf_counter()
     check_spec(spec)
-    steps = _positive_int(steps, "steps")
-    lr = _positive_float(lr, "lr")
+    steps = positive_int(steps, "steps")
+    lr = positive_float(lr, "lr")
     a = _state(model_a, "model_a", spec)
     device = next((t.device for t in a.values()), torch.device("cpu"))
     b = {k: v.to(device) for k, v in _state(model_b, "model_b", spec).items()}
-    data = _Batches(batches, device)
-    fn = loss_fn or _default_loss
+    data = Batches(batches, device)
+    fn = loss_fn or default_loss
     hist = STEHistory()
 
     names = {n for n, _ in model_a.named_parameters(remove_duplicate=False)}
@@ -141,13 +141,13 @@ def ste_matching(
         return p
 
     def score(p: dict[str, torch.Tensor]) -> float:
-        mid = _midpoint(a, spec.apply(p, b, check=False))
+        mid = midpoint(a, spec.apply(p, b, check=False))
         total, count = 0.0, 0
         with torch.no_grad():
             for batch in data:  # weighted by the batch sizes (the mean loss over the samples)
                 targets = batch[1]
                 size = len(targets) if isinstance(targets, torch.Tensor) and targets.ndim else 1
-                total += float(_batch_loss(model_a, mid, batch, fn)) * size
+                total += float(batch_loss(model_a, mid, batch, fn)) * size
                 count += size
         if not count:
             raise MatchError("batches is empty: pass a re-iterable of (inputs, targets) pairs")
@@ -192,7 +192,7 @@ def ste_matching(
                     params[k] = 0.5 * (v + pb[k])
                 else:
                     params[k] = v
-            loss = _batch_loss(model_a, params, batch, fn)
+            loss = batch_loss(model_a, params, batch, fn)
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise MatchError(f"the midpoint loss is {value} at step {step}: check the data and the loss function")
