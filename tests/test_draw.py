@@ -211,12 +211,12 @@ def test_op_without_a_rule_dashes_its_tensors_with_the_reason():
 
 
 def test_reasons_that_cannot_be_read_still_draw_dashed(tiny, monkeypatch):
-    import permgraph.draw as pd
+    import permgraph._draw_view as pd
 
     def broken(traced):
         raise AttributeError("_Solver has no attribute 'axis_var'")  # as if analysis changed
 
-    monkeypatch.setattr(pd, "_block_reasons", broken)
+    monkeypatch.setattr(pd, "block_reasons", broken)
     with pytest.warns(UserWarning, match="could not read why axes are blocked.*axis_var"):
         nodes, edges, _ = parse(draw(tiny))
     kinds = {n: a["pg_kind"] for n, a in nodes.items()}
