@@ -10,6 +10,7 @@ from permgraph.errors import (
     FileError,
     FileFormatError,
     GraphvizMissingWarning,
+    IslandsWarning,
     LapError,
     MatchError,
     MergeError,
@@ -103,5 +104,6 @@ __all__ = [
     "RankDriftWarning",
     "DrawError",
     "GraphvizMissingWarning",
+    "IslandsWarning",
     "__version__",
 ]

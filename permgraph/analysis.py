@@ -10,8 +10,9 @@ from typing import Any
 
 import torch
 
-from permgraph.errors import UnsupportedOpError
+from permgraph.errors import TraceError, UnsupportedOpError
 from permgraph.graph import build_graph, module_path
+from permgraph.islands import infer_islands
 from permgraph.rules import (
     Axis,
     Block,
@@ -312,7 +313,7 @@ def _annotate(graph, traced: Traced, s: _Solver, roots: dict[int, str]) -> None:
             graph.nodes[node.name]["layouts"] = tuple(layouts) if tup else (layouts[0] if layouts else ())
 
 
-def infer(model: torch.nn.Module, example_inputs: Any, *, strict: bool = False) -> PermSpec:
+def infer(model: torch.nn.Module, example_inputs: Any, *, strict: bool = False, islands: bool = True) -> PermSpec:
     """Find every group of hidden units of ``model`` that can be reordered without changing
     what it computes.
 
@@ -322,13 +323,17 @@ def infer(model: torch.nn.Module, example_inputs: Any, *, strict: bool = False) 
             arguments, as the model's forward takes them.
         strict: raise `UnsupportedOpError` if any op had to be
             blocked for want of a rule, instead of reporting it in ``spec.unsupported``.
+        islands: when ``torch.export`` cannot trace the model whole, analyse its largest
+            submodules that export instead (see `permgraph.islands`; warns `IslandsWarning`);
+            False raises the `TraceError`.
 
     Returns:
         The `PermSpec`. ``spec.graph`` holds the networkx graph, with
         each node's ``groups`` attribute naming the groups that permute each output dim.
 
     Raises:
-        TraceError: the model cannot be traced on these inputs.
+        TraceError: the model cannot be traced on these inputs (nor, with ``islands``, any
+            submodule with weights).
         UnsupportedOpError: with ``strict=True``, when an op has no rule.
 
     Examples:
@@ -340,7 +345,12 @@ def infer(model: torch.nn.Module, example_inputs: Any, *, strict: bool = False) 
         >>> spec.verify(mlp, torch.randn(3, 4)) < 1e-5
         True
     """
-    traced = trace(model, example_inputs)
+    try:
+        traced = trace(model, example_inputs)
+    except TraceError as exc:
+        if not islands:
+            raise
+        return infer_islands(model, example_inputs, exc, lambda m, x: infer(m, x, strict=strict, islands=False))
     t0 = time.perf_counter()
     s, unsupported = analyze(traced)
     spec, roots = _build_spec(traced, s, unsupported)

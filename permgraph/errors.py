@@ -27,6 +27,7 @@ __all__ = [
     "RankDriftWarning",
     "DrawError",
     "GraphvizMissingWarning",
+    "IslandsWarning",
 ]
 
 
@@ -152,3 +153,8 @@ class DrawError(PermGraphError, ValueError):
 
 class GraphvizMissingWarning(UserWarning):
     """`Drawing.save` wrote a ``.dot`` file because Graphviz is not installed."""
+
+
+class IslandsWarning(UserWarning):
+    """`infer` could not trace the model whole and analysed the largest submodules that
+    export as islands (see ``spec.unsupported`` for what was left out)."""
