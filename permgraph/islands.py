@@ -177,7 +177,7 @@ def _common(specs: list[PermSpec]) -> tuple[list[Group], int]:
 
     shared = set.intersection(*({ident(g) for g in s.groups} for s in specs))
     kept = [g for g in specs[0].groups if ident(g) in shared]
-    return kept, sum(len(s.groups) for s in specs) - len(kept) * len(specs)
+    return kept, len(specs[0].groups) - len(kept)
 
 
 def infer_islands(model: torch.nn.Module, example_inputs: Any, error: TraceError,
@@ -301,6 +301,6 @@ def _merge(model, islands, failed, rec: _Recorder, calls) -> PermSpec:
         f"outputs blocked: {len(groups)} group(s). What was left out and why is in spec.unsupported; spec.graph and "
         "spec.traced are None (activation matching and REPAIR need a whole trace).",
         IslandsWarning,
-        stacklevel=3,
+        stacklevel=4,
     )
     return PermSpec(tuple(groups), tuple(unsupported), shapes)

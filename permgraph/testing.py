@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ZooEntry", "ZOO", "EXTRA_ZOO", "WIDE_ZOO", "randomize_norm_stats", "check_sound"]
+__all__ = ["ZooEntry", "ZOO", "EXTRA_ZOO", "WIDE_ZOO", "ISLAND_ZOO", "randomize_norm_stats", "check_sound"]
 
 
 def randomize_norm_stats(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
@@ -275,5 +275,58 @@ WIDE_ZOO: dict[str, ZooEntry] = {
             ("segformer", "Segformer", dict(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32],
                                             num_attention_heads=[1, 2], mlp_ratios=[2, 2]), _img(64)),
         ]),
+    ]
+}
+
+
+def _detection(name: str, **kw: Any) -> Callable[[], nn.Module]:
+    """A torchvision detector without weights, resizing to 128 pixels, keeping every box
+    (a score threshold of 0, so the oracle compares detections, not empty lists)."""
+    return _tv(name, "detection", weights_backbone=None, **kw)
+
+
+def _one_image() -> tuple[list[torch.Tensor]]:
+    return ([torch.rand(3, 128, 128, generator=torch.Generator().manual_seed(0))],)
+
+
+def _ids16() -> dict[str, Any]:
+    return {"input_ids": torch.randint(0, 100, (1, 16), generator=torch.Generator().manual_seed(0))}
+
+
+def _seq2seq_ids() -> dict[str, Any]:
+    g = torch.Generator().manual_seed(0)
+    return {"input_ids": torch.randint(0, 100, (1, 16), generator=g),
+            "decoder_input_ids": torch.randint(0, 100, (1, 8), generator=g)}
+
+
+_SMALL_RCNN = dict(min_size=128, max_size=128, box_score_thresh=0.0)
+_SMALL_ONE_STAGE = dict(min_size=128, max_size=128, score_thresh=0.0)
+
+# Models torch.export cannot trace whole (data-dependent box selection, sliding-window
+# attention): `infer` analyses their largest submodules that export as islands
+# (permgraph.islands). Floors: the groups found when they were added, rounded down; each takes
+# tens of seconds, so tests/test_islands.py runs two and benchmarks/islands.py all of them.
+ISLAND_ZOO: dict[str, ZooEntry] = {
+    e.name: e
+    for e in [
+        ZooEntry("fasterrcnn_mobilenet_v3_large_320_fpn", _detection("fasterrcnn_mobilenet_v3_large_320_fpn", **_SMALL_RCNN),
+                 _one_image, 15, "torchvision"),
+        ZooEntry("retinanet_resnet50_fpn", _detection("retinanet_resnet50_fpn", **_SMALL_ONE_STAGE), _one_image, 20,
+                 "torchvision"),
+        ZooEntry("fcos_resnet50_fpn", _detection("fcos_resnet50_fpn", **_SMALL_ONE_STAGE), _one_image, 1, "torchvision"),
+        ZooEntry("ssdlite320_mobilenet_v3_large", _detection("ssdlite320_mobilenet_v3_large", score_thresh=0.0), _one_image,
+                 1, "torchvision"),
+        ZooEntry("maskrcnn_resnet50_fpn", _detection("maskrcnn_resnet50_fpn", **_SMALL_RCNN), _one_image, 1, "torchvision"),
+        ZooEntry("keypointrcnn_resnet50_fpn", _detection("keypointrcnn_resnet50_fpn", **_SMALL_RCNN), _one_image, 1,
+                 "torchvision"),
+        ZooEntry("hf_longformer", _hf("LongformerConfig", "LongformerModel", vocab_size=100, hidden_size=32,
+                                      num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                      attention_window=[4, 4], max_position_embeddings=64, pad_token_id=1),
+                 _ids16, 1, "transformers"),
+        ZooEntry("hf_led", _hf("LEDConfig", "LEDModel", vocab_size=100, d_model=32, encoder_layers=1, decoder_layers=1,
+                               encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                               decoder_ffn_dim=64, attention_window=[4], max_encoder_position_embeddings=64,
+                               max_decoder_position_embeddings=64),
+                 _seq2seq_ids, 1, "transformers"),
     ]
 }
