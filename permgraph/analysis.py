@@ -332,8 +332,8 @@ def infer(model: torch.nn.Module, example_inputs: Any, *, strict: bool = False, 
         each node's ``groups`` attribute naming the groups that permute each output dim.
 
     Raises:
-        TraceError: the model cannot be traced on these inputs (nor, with ``islands``, any
-            submodule with weights).
+        TraceError: the model cannot be traced on these inputs (and, with ``islands``, none of
+            its submodules that export gives a group).
         UnsupportedOpError: with ``strict=True``, when an op has no rule.
 
     Examples:

@@ -188,8 +188,8 @@ def infer_islands(model: torch.nn.Module, example_inputs: Any, error: TraceError
     Args:
         model: the model whose whole trace failed with ``error``.
         example_inputs: as for `infer`.
-        error: the `TraceError` of the whole model (re-raised when the model does not run
-            eagerly on the inputs, or no submodule exports).
+        error: the `TraceError` of the whole model, re-raised when the model does not run
+            eagerly on the inputs or no island gives a group (with a note naming the islands).
         infer: the per-model analysis (`infer` without the fallback), run on each island.
 
     Returns:
@@ -240,9 +240,14 @@ def infer_islands(model: torch.nn.Module, example_inputs: Any, error: TraceError
             search(name, child)
     finally:
         restore_modes(model, modes)
-    if not islands:
+    spec = _merge(model, islands, failed, rec, calls)
+    if not spec.groups:  # nothing gained: the trace error says more than an empty spec
+        names = ", ".join(p for p, *_ in islands[:6]) or "none"
+        error.add_note(f"permgraph also tried the submodules with weights that export on their own (islands: "
+                       f"{names}); none of them gave a group.")
         raise error
-    return _merge(model, islands, failed, rec, calls)
+    _warn(model, islands, spec)
+    return spec
 
 
 def _merge(model, islands, failed, rec: _Recorder, calls) -> PermSpec:
@@ -294,13 +299,16 @@ def _merge(model, islands, failed, rec: _Recorder, calls) -> PermSpec:
                                        f"islands{what}: {reason}"))
     groups.sort(key=lambda g: (order.get(g.members[0].key, 1 << 30), g.members[0].axis, g.members[0].layout.offset))
     shapes = {k: tuple(int(s) for s in v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return PermSpec(tuple(groups), tuple(unsupported), shapes)
+
+
+def _warn(model: torch.nn.Module, islands, spec: PermSpec) -> None:
     names = [p for p, *_ in islands]
     warnings.warn(
         f"torch.export could not trace {type(model).__name__} whole; {len(names)} submodule(s) that export were "
         f"analysed as islands ({', '.join(names[:6])}{' ...' if len(names) > 6 else ''}), each with its inputs and "
-        f"outputs blocked: {len(groups)} group(s). What was left out and why is in spec.unsupported; spec.graph and "
+        f"outputs blocked: {len(spec.groups)} group(s). What was left out and why is in spec.unsupported; spec.graph and "
         "spec.traced are None (activation matching and REPAIR need a whole trace).",
         IslandsWarning,
         stacklevel=4,
     )
-    return PermSpec(tuple(groups), tuple(unsupported), shapes)

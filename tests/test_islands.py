@@ -220,3 +220,18 @@ def test_detector_gets_sound_groups(name: str) -> None:
         out = model(*x)
     assert sum(t.numel() for t in out[0].values()) > 0  # the oracle compares real detections
     assert _sound(spec, model, x) < 1e-9
+
+
+class OneLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x) if x.sum() > 0 else -self.fc(x)
+
+
+def test_islands_without_groups_keep_the_trace_error_with_a_note() -> None:
+    with pytest.raises(TraceError, match="runs on these inputs") as info:
+        permgraph.infer(OneLinear(), torch.randn(2, 4))
+    assert any("islands: fc" in n for n in getattr(info.value, "__notes__", ()))
