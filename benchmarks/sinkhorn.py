@@ -21,7 +21,7 @@ its ``RebasinNet`` with ``DistL2Loss`` runs on the same pair in the same process
 folder is put on the import path only here; its package name clashes with snimu's
 ``rebasin``).
 
-**Digits.** Two 64-512-512-10 MLPs trained from different seeds (`permgraph.demo`): the
+**Digits.** Two 64-512-512-10 MLPs trained from different seeds (`permgraph.examples.digits`): the
 loss and accuracy on the held-out digits of the midpoint ``0.5 * (A + P(B))`` for the
 identity (naive), weight matching, activation matching, the straight-through estimator and
 Sinkhorn with the midpoint objective, and each matcher's seconds.
@@ -136,7 +136,7 @@ def resnet50(steps: int, rebasin_steps: int) -> None:
 
 
 def digits(seed_a: int = 0, seed_b: int = 1) -> None:
-    from permgraph.demo import batches, load_digits, make_mlp, train
+    from permgraph.examples.digits import batches, load_digits, make_mlp, train
     from permgraph.match.activation import activation_matching
     from permgraph.match.ste import ste_matching
     from permgraph.match.weight import weight_matching

@@ -74,7 +74,7 @@ def save_figure(fig: Any, axes: Any, path: Path) -> None:
 
 def train_steps(model: torch.nn.Module, seed: int, data: Any, steps: list[int]) -> dict[int, torch.nn.Module]:
     """Copies of ``model`` (in eval mode) after each number of Adam updates in ``steps``: the
-    settings of ``permgraph.demo.train`` (lr 1e-3, batch 64, reshuffled each epoch with
+    settings of ``permgraph.examples.digits.train`` (lr 1e-3, batch 64, reshuffled each epoch with
     ``seed``), counted in updates instead of epochs. ``model`` itself is not changed."""
     import copy
 

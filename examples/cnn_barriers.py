@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 import permgraph
-from permgraph.demo import batches, evaluator, load_digits, train
+from permgraph.examples.digits import batches, evaluator, load_digits, train
 
 VARIANTS = ("naive", "weight_matching", "activation_matching", "activation_matching+reset_bn", "activation_matching+repair")
 LABELS = {"naive": "naive", "weight_matching": "weight matching", "activation_matching": "activation matching",

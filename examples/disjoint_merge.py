@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 import permgraph
-from permgraph.demo import batches, evaluator, load_digits, make_mlp, train
+from permgraph.examples.digits import batches, evaluator, load_digits, make_mlp, train
 
 MERGES = ("naive", "weight_matching", "activation_matching")
 LABELS = {"naive": "naive merge", "weight_matching": "merge after weight matching",

@@ -31,7 +31,7 @@ import _experiment as experiment
 import torch
 
 import permgraph
-from permgraph.demo import batches, evaluator, load_digits, make_mlp, train
+from permgraph.examples.digits import batches, evaluator, load_digits, make_mlp, train
 
 METHODS = ("naive", "weight_matching", "activation_matching", "ste", "sinkhorn")
 LABELS = {"naive": "naive", "weight_matching": "weight matching", "activation_matching": "activation matching",

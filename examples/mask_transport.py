@@ -34,7 +34,7 @@ import _experiment as experiment
 import torch
 
 import permgraph
-from permgraph.demo import evaluator, load_digits, make_mlp, train
+from permgraph.examples.digits import evaluator, load_digits, make_mlp, train
 
 KINDS = ("own_imp", "transported", "unpermuted", "one_shot")
 LABELS = {"own_imp": "B's own IMP mask (gold standard)", "transported": "A's mask, permuted onto B",

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 import permgraph
-from permgraph.demo import evaluator, load_digits, make_mlp, train
+from permgraph.examples.digits import evaluator, load_digits, make_mlp, train
 from permgraph.match.many import cycle_consistent_maps, cycle_error, pairwise_maps
 
 

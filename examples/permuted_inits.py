@@ -31,7 +31,7 @@ import _experiment as experiment
 import torch
 
 import permgraph
-from permgraph.demo import batches, evaluator, load_digits, make_mlp, train
+from permgraph.examples.digits import batches, evaluator, load_digits, make_mlp, train
 from permgraph.match.gradient import gradient_matching, loss_directions
 
 CHANCE = 0.1
@@ -48,7 +48,7 @@ def state(m: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def trained(model: torch.nn.Module, seed: int, data, epochs: int) -> torch.nn.Module:
-    """A trained copy of ``model`` (``permgraph.demo.train``: Adam, lr 1e-3, batch 64)."""
+    """A trained copy of ``model`` (``permgraph.examples.digits.train``: Adam, lr 1e-3, batch 64)."""
     return train(copy.deepcopy(model), data.x_train, data.y_train, epochs=epochs, seed=seed)
 
 

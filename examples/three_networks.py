@@ -32,7 +32,7 @@ import _experiment as experiment
 import torch
 
 import permgraph
-from permgraph.demo import batches, evaluator, load_digits, make_mlp, train
+from permgraph.examples.digits import batches, evaluator, load_digits, make_mlp, train
 from permgraph.match.many import cycle_consistent_maps, cycle_error, pairwise_maps
 
 MATCHERS = ("weight_matching", "activation_matching")

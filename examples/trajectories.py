@@ -27,7 +27,7 @@ import _experiment as experiment
 import torch
 
 import permgraph
-from permgraph.demo import batches, evaluator, load_digits, make_mlp
+from permgraph.examples.digits import batches, evaluator, load_digits, make_mlp
 
 MATCHERS = ("weight_matching", "activation_matching")
 LABELS = {"naive": "naive", "weight_matching": "weight matching", "activation_matching": "activation matching"}

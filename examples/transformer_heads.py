@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import permgraph
-from permgraph.demo import batches, evaluator, load_digits, train
+from permgraph.examples.digits import batches, evaluator, load_digits, train
 from permgraph.metrics import interpolation_curve
 
 

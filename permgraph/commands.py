@@ -31,7 +31,7 @@ __all__ = ["inspect", "align", "merge", "apply", "barrier", "export", "demo"]
 def _data(source: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``digits`` / ``digits-images`` (the demo's held-out split) or a safetensors file with ``x`` and ``y``."""
     if source in ("digits", "digits-images"):
-        from permgraph.demo import load_digits
+        from permgraph.examples.digits import load_digits
 
         data = load_digits(images=source == "digits-images")
         return data.x_test, data.y_test
@@ -335,7 +335,7 @@ def export(args: argparse.Namespace) -> int:
 
 def barrier(args: argparse.Namespace) -> int:
     """``permgraph barrier A B --data D``: loss and accuracy barriers, naive and aligned."""
-    from permgraph.demo import evaluator
+    from permgraph.examples.digits import evaluator
     from permgraph.io import load_permutation
     from permgraph.merge import repair, reset_batchnorm
     from permgraph.metrics import interpolation_curve
@@ -401,7 +401,7 @@ def barrier(args: argparse.Namespace) -> int:
 
 def demo(args: argparse.Namespace) -> int:
     """``permgraph demo``: two MLPs on digits, aligned, with their barriers."""
-    from permgraph.demo import plot_curves, run_demo
+    from permgraph.examples.demo import plot_curves, run_demo
 
     if args.plot:
         try:

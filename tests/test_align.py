@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import permgraph
 from permgraph.cli import main
-from permgraph.demo import make_mlp
+from permgraph.examples.digits import make_mlp
 
 
 def _pair():
@@ -46,7 +46,7 @@ def test_cli_align_writes_aligned_weights(tmp_path, capsys):
     save_file(b.state_dict(), tmp_path / "b.safetensors")
     out, perm_out = tmp_path / "b_aligned.safetensors", tmp_path / "perm.safetensors"
     rc = main(["align", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), "--model",
-               "permgraph.demo:make_mlp", "--data", "digits", "--out", str(out), "--perm-out", str(perm_out),
+               "permgraph.examples.digits:make_mlp", "--data", "digits", "--out", str(out), "--perm-out", str(perm_out),
                "--quiet", "--json"])
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
@@ -64,7 +64,7 @@ def test_cli_align_activation_needs_data(tmp_path, capsys):
     a = make_mlp()
     save_file(a.state_dict(), tmp_path / "a.safetensors")
     rc = main(["align", str(tmp_path / "a.safetensors"), str(tmp_path / "a.safetensors"), "--model",
-               "permgraph.demo:make_mlp", "--input-shape", "2,64", "--method", "activation",
+               "permgraph.examples.digits:make_mlp", "--input-shape", "2,64", "--method", "activation",
                "--out", str(tmp_path / "o.safetensors"), "--quiet"])
     assert rc == 2
     assert "--data" in capsys.readouterr().err

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from permgraph.cli import main
-from permgraph.demo import DemoResult, evaluator, load_digits, make_mlp, run_demo
+from permgraph.examples.demo import DemoResult, run_demo
+from permgraph.examples.digits import evaluator, load_digits, make_mlp
 from permgraph.io import load_permutation
 from permgraph.match import weight_matching
 from permgraph.metrics import fixed_points, interpolation_curve
@@ -91,7 +92,7 @@ def test_demo_plot_without_matplotlib_fails_first(tmp_path: Path, capsys: pytest
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     called = []
-    monkeypatch.setattr("permgraph.demo.run_demo", lambda **kw: called.append(kw))
+    monkeypatch.setattr("permgraph.examples.demo.run_demo", lambda **kw: called.append(kw))
     rc = main(["demo", "--quiet", "--plot", str(tmp_path / "x.png")])
     assert rc == 2 and not called  # refused before training
     assert "pip install matplotlib" in capsys.readouterr().err
@@ -106,7 +107,7 @@ def test_export_and_barrier_commands(demo: DemoResult, tmp_path: Path, capsys: p
     a, b = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
     torch.save(demo.states["b"], tmp_path / "b.pt")
     out = str(tmp_path / "perm.safetensors")
-    common = ["--model", "permgraph.demo:make_mlp", "--quiet", "--json"]
+    common = ["--model", "permgraph.examples.digits:make_mlp", "--quiet", "--json"]
     assert main(["export", a, b, *common, "--data", "digits", "--out", out,
                  "--aligned", str(tmp_path / "b_aligned.safetensors")]) == 0
     exported = json.loads(capsys.readouterr().out)
@@ -127,14 +128,14 @@ def test_export_and_barrier_commands(demo: DemoResult, tmp_path: Path, capsys: p
     from safetensors.torch import save_file
 
     save_file({"x": data.x_test.contiguous(), "y": data.y_test.contiguous()}, tmp_path / "data.safetensors")
-    assert main(["barrier", a, b, "--model", "permgraph.demo:make_mlp", "--quiet", "--data",
+    assert main(["barrier", a, b, "--model", "permgraph.examples.digits:make_mlp", "--quiet", "--data",
                  str(tmp_path / "data.safetensors"), "--align", "weight", "--repair", "--alphas", "3"]) == 0
     text = capsys.readouterr().out
     assert "correction: REPAIR" in text and "weight matching" in text and "naive" in text
 
 
 def test_commands_report_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    spec_model = ["--model", "permgraph.demo:make_mlp", "--quiet"]
+    spec_model = ["--model", "permgraph.examples.digits:make_mlp", "--quiet"]
     assert main(["barrier", str(tmp_path / "nope.pt"), "x", *spec_model, "--data", "digits"]) == 2
     assert "no such checkpoint" in capsys.readouterr().err
     from safetensors.torch import save_file
@@ -151,3 +152,35 @@ def test_commands_report_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture
                  "--out", str(tmp_path / "p.safetensors")]) == 2
     assert "checkpoint B" in capsys.readouterr().err
     assert not (tmp_path / "p.safetensors").exists()
+
+
+def test_the_core_imports_neither_scikit_learn_nor_the_demo() -> None:
+    """``import permgraph`` (and its CLI module) loads no training loop and no scikit-learn:
+    the demo and its data live in ``permgraph.examples``."""
+    import subprocess
+
+    code = ("import sys, permgraph, permgraph.cli; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'sklearn' "
+            "or m.startswith(('permgraph.examples', 'permgraph.demo'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "[]", out.stdout
+    # the negative control: the demo does pull them in
+    code = code.replace("permgraph.cli;", "permgraph.cli, permgraph.examples.demo, permgraph.examples.digits as d; d.load_digits();")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert "sklearn" in out.stdout and "permgraph.examples.demo" in out.stdout
+
+
+def test_the_old_demo_module_warns_and_re_exports() -> None:
+    import permgraph.demo as old
+    import permgraph.examples.demo as new_demo
+    import permgraph.examples.digits as new_digits
+
+    with pytest.warns(DeprecationWarning, match="import make_mlp from permgraph.examples.digits"):
+        assert old.make_mlp is new_digits.make_mlp
+    with pytest.warns(DeprecationWarning, match="import run_demo from permgraph.examples.demo"):
+        from permgraph.demo import run_demo as old_run
+    assert old_run is new_demo.run_demo
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        old.nothing  # noqa: B018

@@ -22,7 +22,7 @@ import torch
 
 import permgraph
 from permgraph import distributed as pgdist
-from permgraph.demo import load_digits
+from permgraph.examples.digits import load_digits
 from permgraph.match import activation_matching, activation_similarity
 from permgraph.merge import interpolate, repair, reset_batchnorm
 from tests.distributed_worker import build, mlp
@@ -327,7 +327,7 @@ def test_the_command_line_under_torchrun(tmp_path: Path) -> None:
     case = _case()
     for name in ("a", "b"):
         save_file(case[name], tmp_path / f"{name}.safetensors")
-    common = [str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), "--model", "permgraph.demo:make_mlp",
+    common = [str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), "--model", "permgraph.examples.digits:make_mlp",
               "--build-arg", f"widths={tuple(WIDTHS)}", "--data", "digits", "--method", "activation", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", "-m", "permgraph",

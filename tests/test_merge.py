@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import permgraph
-from permgraph.demo import batches, evaluator, load_digits, train
+from permgraph.examples.digits import batches, evaluator, load_digits, train
 from permgraph.match import weight_matching
 from permgraph.merge import MergeError, interpolate, repair, reset_batchnorm
 from permgraph.metrics import interpolation_curve

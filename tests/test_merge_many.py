@@ -2,7 +2,7 @@
 
 This module also holds the small digits helpers that ``test_ste.py`` and
 ``test_sinkhorn.py`` import (MLPs trained from different seeds, cached per process), built
-on `permgraph.demo`.
+on `permgraph.examples.digits`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import permgraph
-from permgraph.demo import Digits, load_digits, make_mlp, train
+from permgraph.examples.digits import Digits, load_digits, make_mlp, train
 from permgraph.errors import PermutationError, SpecMismatchError
 from permgraph.match._common import MatchError
 from permgraph.match.many import MergeManyResult, cycle_consistent_maps, cycle_error, merge_many, pairwise_maps

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 
 import permgraph
 from permgraph.data import batches
-from permgraph.demo import load_digits, make_mlp
+from permgraph.examples.digits import load_digits, make_mlp
 from permgraph.match import activation_matching
 
 
