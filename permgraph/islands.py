@@ -155,18 +155,23 @@ def _infer_calls(infer: Callable[[torch.nn.Module, Any], PermSpec], mod: torch.n
     for args, kwargs in sigs.values():
         if kwargs:
             spec = infer(_Call(mod), (args, kwargs))
-            spec = _rekey(spec, lambda k: k[2:] if k.startswith("m.") else k, "")
+            spec = _rekey(spec, _unwrap)
         else:
             spec = infer(mod, args)
         specs.append(spec)
     return specs
 
 
-def _rekey(spec: PermSpec, key: Callable[[str], str], prefix: str) -> PermSpec:
-    groups = tuple(Group(_join(prefix, g.name) if prefix else g.name, g.size,
+def _unwrap(name: str) -> str:
+    """A key or module path of ``_Call(m)`` as one of ``m``."""
+    return name[2:] if name.startswith("m.") else "" if name == "m" else name
+
+
+def _rekey(spec: PermSpec, key: Callable[[str], str]) -> PermSpec:
+    """``spec`` with every state_dict key, group name and module path mapped through ``key``."""
+    groups = tuple(Group(key(g.name), g.size,
                          tuple(Member(key(m.key), m.axis, m.layout) for m in g.members), g.why) for g in spec.groups)
-    unsupported = tuple(Unsupported(u.node, u.op, _join(prefix, u.module) if prefix else u.module, u.reason)
-                        for u in spec.unsupported)
+    unsupported = tuple(Unsupported(u.node, u.op, key(u.module), u.reason) for u in spec.unsupported)
     return PermSpec(groups, unsupported, {key(k): v for k, v in spec.shapes.items()})
 
 
@@ -260,7 +265,7 @@ def _merge(model, islands, failed, rec: _Recorder, calls) -> PermSpec:
     unsupported: list[Unsupported] = []
     groups: list[Group] = []
     for path, mod, spec, dropped in islands:
-        spec = _rekey(spec, lambda k, p=path: _join(p, k), path)
+        spec = _rekey(spec, lambda k, p=path: _join(p, k))
         outside: list[str] = []
         for g in spec.groups:
             members = list(g.members)

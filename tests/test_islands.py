@@ -235,3 +235,31 @@ def test_islands_without_groups_keep_the_trace_error_with_a_note() -> None:
     with pytest.raises(TraceError, match="runs on these inputs") as info:
         permgraph.infer(OneLinear(), torch.randn(2, 4))
     assert any("islands: fc" in n for n in getattr(info.value, "__notes__", ()))
+
+
+class Masked(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(4, 10), nn.Linear(10, 3)
+
+    def forward(self, x, mask=None):
+        h = torch.relu(self.l1(x))
+        return self.l2(h if mask is None else h * mask)
+
+
+class CallsWithKeywords(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.k = Masked()
+
+    def forward(self, x):
+        y = self.k(x, mask=(x[:, :1] > 0).to(x.dtype))
+        return y if y.sum() > 0 else -y
+
+
+def test_island_called_with_keyword_arguments() -> None:
+    model, x = CallsWithKeywords().eval(), torch.randn(5, 4)
+    spec = _infer(model, x)
+    assert [(g.name, g.size) for g in spec.groups] == [("k.l1", 10)]
+    assert {m.key for m in spec["k.l1"].members} == {"k.l1.weight", "k.l1.bias", "k.l2.weight"}
+    assert _sound(spec, model, x) < 1e-9
