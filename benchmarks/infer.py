@@ -60,7 +60,7 @@ def main(names: list[str]) -> None:
         spec = infer(model, inputs)
         total = time.perf_counter() - t0
         tp_groups = torch_pruning_groups(name)
-        print(f"{name:16s} {spec.traced.seconds:8.2f} {spec.traced.extra['rules_seconds']:8.2f} {total:8.2f} "
+        print(f"{name:16s} {spec.analysis.traced.seconds:8.2f} {spec.analysis.traced.extra['rules_seconds']:8.2f} {total:8.2f} "
               f"{len(spec.groups):7d} {spec.num_units:7d} {len(spec.unsupported):8d} {tp_groups:>14s}", flush=True)
 
 

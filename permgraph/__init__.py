@@ -1,7 +1,7 @@
 """permgraph: find, apply and use the permutation symmetries of any PyTorch model."""
 
 from permgraph.align import align
-from permgraph.analysis import infer
+from permgraph.analysis import Analysis, analyze, infer
 from permgraph.errors import (
     DataError,
     DemoError,
@@ -27,11 +27,12 @@ from permgraph.errors import (
     SpecMismatchError,
     TraceError,
     UnsupportedOpError,
+    UntraceableModelError,
     VerificationError,
 )
 from permgraph.io import load_aligned, load_permutation, save_aligned, save_permutation
 from permgraph.match import activation_matching, merge_many, sinkhorn_matching, ste_matching, weight_matching
-from permgraph.merge import interpolate, repair, reset_batchnorm
+from permgraph.merge import interpolate, reset_batchnorm
 from permgraph.metrics import (
     accuracy_barrier,
     fixed_points,
@@ -40,6 +41,8 @@ from permgraph.metrics import (
     strong_connectivity,
     weak_connectivity,
 )
+from permgraph.oracle import verify
+from permgraph.repairing import repair
 from permgraph.rules import rule
 from permgraph.spec import Group, Layout, Member, PermSpec, Permutation, Unsupported
 from permgraph.trace import trace
@@ -49,6 +52,9 @@ __version__ = "0.1.0"
 __all__ = [
     # groups
     "infer",
+    "analyze",
+    "Analysis",
+    "verify",
     "trace",
     "rule",
     "PermSpec",
@@ -92,6 +98,7 @@ __all__ = [
     "MatchError",
     "SinkhornError",
     "MergeError",
+    "UntraceableModelError",
     "MetricsError",
     "FileFormatError",
     "FileError",

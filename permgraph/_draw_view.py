@@ -69,14 +69,15 @@ class GraphView:
     order, their producers and users, and why fixed axes are fixed."""
 
     def __init__(self, spec: PermSpec) -> None:
-        graph = getattr(spec, "graph", None)
+        analysis = getattr(spec, "analysis", None)
+        graph = getattr(analysis, "graph", None)
         if graph is None:
             raise DrawError(
                 "this PermSpec has no graph (specs read back from JSON or a file keep only the groups); "
                 "draw the spec that permgraph.infer(model, example_inputs) returns"
             )
         self.spec = spec
-        self.traced = getattr(spec, "traced", None)
+        self.traced = getattr(analysis, "traced", None)
         fx = {n.name: n for n in self.traced.graph_module.graph.nodes} if self.traced is not None else {}
         self.nodes: dict[str, Node] = {}
         for name, d in graph.nodes(data=True):
@@ -131,23 +132,6 @@ UNKNOWN = "no group (the reason could not be read)"
 def block_reasons(traced: Any) -> dict[str, list[list[str | None]]]:
     """Re-run the rules (milliseconds: no trace) to read why each blocked axis is blocked;
     the graph's attributes only say which groups permute an axis."""
-    from permgraph.analysis import analyze
-    from permgraph.rules import values_of
+    from permgraph.analysis import block_reasons as reasons
 
-    s, _ = analyze(traced)
-    out: dict[str, list[list[str | None]]] = {}
-    for node in traced.graph_module.graph.nodes:
-        per = []
-        for v in values_of(node):
-            dims: list[str | None] = []
-            for a in v.axes:
-                var = s.axis_var.get((a.value, a.dim))
-                if var is None:
-                    dims.append("")
-                elif not s.u.is_blocked(var):
-                    dims.append(None)
-                else:
-                    dims.append(s.u.block_reason(var) or "part of a blocked axis")
-            per.append(dims)
-        out[node.name] = per
-    return out
+    return reasons(traced)

@@ -1,4 +1,9 @@
-"""``infer``: trace, run the rules over every node, solve, and build the PermSpec."""
+"""``analyze`` and ``infer``: trace, run the rules over every node, solve, and build the PermSpec.
+
+`analyze` returns the whole `Analysis` (the traced program, the annotated graph, the report);
+`infer` returns its `PermSpec` alone, the plain data every matcher, metric and file function
+reads.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import math
 import operator
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,7 +39,7 @@ from permgraph.trace import Traced, trace
 from permgraph.unify import Leaf, Tree, Unifier
 from permgraph.views import picks_through_views
 
-__all__ = ["infer", "analyze"]
+__all__ = ["infer", "analyze", "Analysis", "block_reasons"]
 
 
 class _Solver:
@@ -100,8 +106,9 @@ def _tensor_inputs(node: torch.fx.Node):
     return list(seen.values())
 
 
-def analyze(traced: Traced) -> tuple[_Solver, list[Unsupported]]:
-    """Run every node's rule and collect the constraints in a solver."""
+def _run_rules(traced: Traced) -> tuple[_Solver, list[Unsupported], list[Unsupported]]:
+    """Run every node's rule and collect the constraints in a solver; returns it, the
+    report, and the part of the report that is layout conflicts."""
     s = _Solver()
     unsupported: list[Unsupported] = []
     nodes = list(traced.graph_module.graph.nodes)
@@ -114,10 +121,31 @@ def analyze(traced: Traced) -> tuple[_Solver, list[Unsupported]]:
         conflicts += [(node, i) for i in range(seen, len(s.u.conflicts))]
     weights = s.u.reachable([s.var(a) for n in nodes if n.op == "placeholder" and n.name in traced.params
                              for v in values_of(n) for a in v.axes if a.size > 1])
+    before = len(unsupported)
     _report_conflicts(s, unsupported, conflicts, weights)
+    found = unsupported[before:]
     _report_pinning_constants(traced, s, unsupported, nodes, weights)
     s.u.finish()
-    return s, unsupported
+    return s, unsupported, found
+
+
+def block_reasons(traced: Traced) -> dict[str, list[list[str | None]]]:
+    """Per node, per output tensor, per dim: why the axis is blocked (None when it is not,
+    ``""`` when the rules never saw it: a view the picks read through). Re-runs the rules on
+    ``traced`` (milliseconds: no trace)."""
+    s, _, _ = _run_rules(traced)
+    out: dict[str, list[list[str | None]]] = {}
+    for node in traced.graph_module.graph.nodes:
+        per = []
+        for v in values_of(node):
+            dims: list[str | None] = []
+            for a in v.axes:
+                var = s.axis_var.get((a.value, a.dim))
+                dims.append("" if var is None else None if not s.u.is_blocked(var)
+                            else s.u.block_reason(var) or "part of a blocked axis")
+            per.append(dims)
+        out[node.name] = per
+    return out
 
 
 def _report_conflicts(s: _Solver, unsupported: list[Unsupported], conflicts, weights: set[int]) -> None:
@@ -313,6 +341,64 @@ def _annotate(graph, traced: Traced, s: _Solver, roots: dict[int, str]) -> None:
             graph.nodes[node.name]["layouts"] = tuple(layouts) if tup else (layouts[0] if layouts else ())
 
 
+@dataclass(eq=False)
+class Analysis:
+    """The result of `analyze`: the groups and what they were derived from.
+
+    Attributes:
+        spec: the `PermSpec` (plain data; ``spec.analysis`` is this object).
+        traced: the `permgraph.trace.Traced` program the rules ran on.
+        graph: the ``networkx`` graph of the program (see `permgraph.graph`), each node
+            annotated with the groups (``groups``) and layouts (``layouts``) of its output dims.
+        conflicts: the layout conflicts found (also in ``spec.unsupported``).
+    """
+
+    spec: PermSpec
+    traced: Traced
+    graph: Any
+    conflicts: tuple[Unsupported, ...] = ()
+
+    @property
+    def unsupported(self) -> tuple[Unsupported, ...]:
+        """The ops whose axes were blocked (``spec.unsupported``)."""
+        return self.spec.unsupported
+
+    @property
+    def program(self) -> torch.export.ExportedProgram:
+        """The exported program (``traced.program``)."""
+        return self.traced.program
+
+
+def analyze(model: torch.nn.Module, example_inputs: Any, *, strict: bool = False) -> Analysis:
+    """`infer`, keeping what the groups were derived from: the traced program and the graph.
+
+    Args and Raises: as `infer`.
+
+    Examples:
+        >>> import torch, permgraph
+        >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> a = permgraph.analyze(mlp, torch.randn(3, 4))
+        >>> a.spec.names, a.graph.nodes["relu"]["groups"]
+        (['0'], ((), ('0',)))
+    """
+    traced = trace(model, example_inputs)
+    t0 = time.perf_counter()
+    s, unsupported, conflicts = _run_rules(traced)
+    spec, roots = _build_spec(traced, s, unsupported)
+    graph = build_graph(traced)
+    _annotate(graph, traced, s, roots)
+    traced.extra["rules_seconds"] = time.perf_counter() - t0
+    if strict and unsupported:
+        raise UnsupportedOpError(
+            f"{len(unsupported)} op(s) have no rule and were blocked:\n  "
+            + "\n  ".join(map(str, unsupported))
+            + "\nRegister a rule for them (see 'Write a rule for your own op' in the docs), or pass strict=False."
+        )
+    result = Analysis(spec, traced, graph, tuple(conflicts))
+    spec._analysis = result
+    return result
+
+
 def infer(model: torch.nn.Module, example_inputs: Any, *, strict: bool = False, islands: bool = True) -> PermSpec:
     """Find every group of hidden units of ``model`` that can be reordered without changing
     what it computes.
@@ -328,8 +414,9 @@ def infer(model: torch.nn.Module, example_inputs: Any, *, strict: bool = False, 
             False raises the `TraceError`.
 
     Returns:
-        The `PermSpec`. ``spec.graph`` holds the networkx graph, with
-        each node's ``groups`` attribute naming the groups that permute each output dim.
+        The `PermSpec`. ``spec.analysis`` holds the `Analysis` (traced program and networkx
+        graph, each node's ``groups`` attribute naming the groups that permute each output
+        dim); `analyze` returns it directly.
 
     Raises:
         TraceError: the model cannot be traced on these inputs (and, with ``islands``, none of
@@ -346,23 +433,8 @@ def infer(model: torch.nn.Module, example_inputs: Any, *, strict: bool = False, 
         True
     """
     try:
-        traced = trace(model, example_inputs)
+        return analyze(model, example_inputs, strict=strict).spec
     except TraceError as exc:
         if not islands:
             raise
         return infer_islands(model, example_inputs, exc, lambda m, x: infer(m, x, strict=strict, islands=False))
-    t0 = time.perf_counter()
-    s, unsupported = analyze(traced)
-    spec, roots = _build_spec(traced, s, unsupported)
-    graph = build_graph(traced)
-    _annotate(graph, traced, s, roots)
-    spec.graph = graph
-    spec.traced = traced
-    traced.extra["rules_seconds"] = time.perf_counter() - t0
-    if strict and unsupported:
-        raise UnsupportedOpError(
-            f"{len(unsupported)} op(s) have no rule and were blocked:\n  "
-            + "\n  ".join(map(str, unsupported))
-            + "\nRegister a rule for them (see 'Write a rule for your own op' in the docs), or pass strict=False."
-        )
-    return spec

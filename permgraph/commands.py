@@ -195,15 +195,16 @@ def inspect(args: argparse.Namespace) -> int:
             raise TraceError(f"{exc}\n(Set the example input with --input-shape, --input-dtype, --input-name, --kwarg.)") from exc
         if args.verify:
             extra["verify_error"] = spec.verify(model, inputs)
-        title = (f"{target}: traced with {spec.traced.method} in {spec.traced.seconds:.2f} s" if spec.traced is not None
-                 else f"{target}: not traceable whole, analysed as islands (see the blocked ops)")
+        title = (f"{target}: traced with {spec.analysis.traced.method} in {spec.analysis.traced.seconds:.2f} s"
+                 if spec.analysis is not None else f"{target}: not traceable whole, analysed as islands (see the blocked ops)")
     if args.strict and spec.unsupported:
         from permgraph.errors import UnsupportedOpError
 
         raise UnsupportedOpError(f"{len(spec.unsupported)} op(s) have no rule: " + "; ".join(map(str, spec.unsupported[:5])))
     seconds = time.perf_counter() - t0
     if args.json:
-        out = spec.to_dict() | {"model": target, "seconds": round(seconds, 3), "trace": spec.traced.method if spec.traced is not None else "islands"} | extra
+        out = spec.to_dict() | {"model": target, "seconds": round(seconds, 3),
+                                "trace": spec.analysis.traced.method if spec.analysis is not None else "islands"} | extra
         json.dump(out, sys.stdout, indent=1)
         print()
     else:

@@ -86,6 +86,11 @@ class MergeError(PermGraphError, ValueError):
     """A merge step was given arguments it cannot use (no data, no BatchNorm, a bad alpha)."""
 
 
+class UntraceableModelError(MatchError, MergeError, TraceError):
+    """Activation matching or REPAIR need the model's whole graph, and ``torch.export``
+    cannot trace the model whole (weight matching reads the weights alone and still works)."""
+
+
 class MetricsError(PermGraphError, ValueError):
     """A metric was given values it cannot use (alphas without endpoints, NaN, mismatched lengths)."""
 

@@ -198,8 +198,8 @@ def infer_islands(model: torch.nn.Module, example_inputs: Any, error: TraceError
         infer: the per-model analysis (`infer` without the fallback), run on each island.
 
     Returns:
-        A `PermSpec` over the whole model's state_dict keys and shapes, with ``graph`` and
-        ``traced`` None; ``unsupported`` names what was left out and why.
+        A `PermSpec` over the whole model's state_dict keys and shapes, without an analysis
+        (``spec.analysis`` None); ``unsupported`` names what was left out and why.
     """
     if not isinstance(model, torch.nn.Module):
         raise error
@@ -312,8 +312,8 @@ def _warn(model: torch.nn.Module, islands, spec: PermSpec) -> None:
     warnings.warn(
         f"torch.export could not trace {type(model).__name__} whole; {len(names)} submodule(s) that export were "
         f"analysed as islands ({', '.join(names[:6])}{' ...' if len(names) > 6 else ''}), each with its inputs and "
-        f"outputs blocked: {len(spec.groups)} group(s). What was left out and why is in spec.unsupported; spec.graph and "
-        "spec.traced are None (activation matching and REPAIR need a whole trace).",
+        f"outputs blocked: {len(spec.groups)} group(s). What was left out and why is in spec.unsupported; spec.analysis is "
+        "None (activation matching and REPAIR need a whole trace).",
         IslandsWarning,
         stacklevel=4,
     )

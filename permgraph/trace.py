@@ -73,9 +73,10 @@ def _short(exc: BaseException, limit: int = 1200) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
-def trace(model: torch.nn.Module, example_inputs: ExampleInputs) -> Traced:
+def trace(model: torch.nn.Module, example_inputs: ExampleInputs, *, dynamic_shapes: Any = None) -> Traced:
     """Export ``model`` (in eval mode; every submodule's mode is restored) on
     ``example_inputs``, then functionalize the program (see `functionalize`).
+    ``dynamic_shapes`` is passed to ``torch.export.export`` (default: every shape static).
 
     Raises:
         TraceError: the model fails on the inputs, or ``torch.export`` cannot trace it; the
@@ -96,7 +97,7 @@ def trace(model: torch.nn.Module, example_inputs: ExampleInputs) -> Traced:
     fake_log.setLevel(logging.CRITICAL)
     try:
         try:
-            program = _export(model, args, kwargs)
+            program = _export(model, args, kwargs, dynamic_shapes)
         except Exception as exc:  # noqa: BLE001 - diagnose, then re-raise as TraceError
             try:
                 with torch.no_grad():
@@ -184,27 +185,28 @@ def restore_modes(model: torch.nn.Module, modes: dict[torch.nn.Module, bool]) ->
             m.train(flag)
 
 
-def _export(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> ExportedProgram:
+def _export(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic_shapes: Any = None) -> ExportedProgram:
     """``torch.export`` in non-strict mode. Where the model returns objects torch does not know
     how to flatten (a Hugging Face ``DynamicCache``, a user's dataclass), export again with the
     output replaced by the tuple of every tensor inside it, so those tensors stay outputs."""
     try:
-        return _export_no_grad(model, args, kwargs)
+        return _export_no_grad(model, args, kwargs, dynamic_shapes)
     except Exception as first:  # noqa: BLE001 - retried once with flat outputs
         handle = model.register_forward_hook(lambda _m, _i, out: tuple(tensors_in(out)))
         try:
-            return _export_no_grad(model, args, kwargs)
+            return _export_no_grad(model, args, kwargs, dynamic_shapes)
         except Exception:  # noqa: BLE001 - the first error is the one to report
             raise first from None
         finally:
             handle.remove()
 
 
-def _export_no_grad(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> ExportedProgram:
+def _export_no_grad(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                    dynamic_shapes: Any = None) -> ExportedProgram:
     # with grad off, a ``torch.no_grad()`` block inside forward (rotary embeddings) is a no-op
     # rather than an opaque ``wrap_with_set_grad_enabled`` sub-graph that would block its axes
     with torch.no_grad():
-        return torch.export.export(model, args, kwargs, strict=False)
+        return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
 
 
 def _mutates(target: Any) -> bool:

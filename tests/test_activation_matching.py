@@ -255,11 +255,63 @@ def test_nan_weights_name_the_tensor(mlp_pair) -> None:
         activation_matching(spec, a, broken, [torch.randn(4, 64)])
 
 
-def test_a_spec_without_its_graph(mlp_pair) -> None:
+def test_a_spec_read_back_from_a_dict_drives_activation_matching(mlp_pair) -> None:
+    # (this test replaces one that expected an error: a spec from from_dict now gets the
+    # model's own analysis, made on the first batch, and its groups matched by members)
     spec, a, b = mlp_pair
+    batches = _batches((16, 64), 4)
+    want = activation_matching(spec, a, b, batches)
     loaded = permgraph.PermSpec.from_dict(spec.to_dict())
-    with pytest.raises(MatchError, match="no traced graph"):
-        activation_matching(loaded, a, b, [torch.randn(4, 64)])
+    assert loaded.analysis is None
+    got = activation_matching(loaded, a, b, iter(batches))  # a one-pass iterable: the first batch is put back
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert loaded.analysis is None  # nothing was written into the spec
+    # group names are the spec's, whatever the analysis calls them
+    data = spec.to_dict()
+    for i, g in enumerate(data["groups"]):
+        g["name"] = f"hidden{i}"
+    renamed = permgraph.PermSpec.from_dict(data)
+    got = activation_matching(renamed, a, b, batches)
+    assert all(torch.equal(got[f"hidden{i}"], want[g.name]) for i, g in enumerate(spec.groups))
+    # a spec of another architecture whose keys and shapes happen to fit is refused by name
+    data["groups"][0]["members"] = data["groups"][0]["members"][:1]
+    with pytest.raises(SpecMismatchError, match="hidden0"):
+        activation_matching(permgraph.PermSpec.from_dict(data), a, b, batches)
+
+
+class _Branchy(nn.Module):
+    """A forward that branches on the data: torch.export cannot trace it whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(x))
+        return self.fc2(h if float(h.sum()) > 0 else -h)
+
+
+def test_an_untraceable_model_says_weight_matching_still_works() -> None:
+    torch.manual_seed(0)
+    a, b = _Branchy(), _Branchy()
+    members = (permgraph.Member("fc1.weight", 0), permgraph.Member("fc1.bias", 0), permgraph.Member("fc2.weight", 1))
+    spec = permgraph.PermSpec((permgraph.Group("fc1", 8, members),),
+                              shapes={k: tuple(v.shape) for k, v in a.state_dict().items()})
+    with pytest.raises(permgraph.UntraceableModelError, match="weight_matching"):
+        activation_matching(spec, a, b, [torch.randn(4, 4)])
+    spec.check_permutation(permgraph.weight_matching(spec, a.state_dict(), b.state_dict()))
+
+
+def test_batches_of_any_size_share_one_export_with_a_dynamic_batch_dimension(mlp_pair) -> None:
+    from permgraph.runner import runner_for
+
+    spec, a, b = mlp_pair  # traced on a batch of one
+    batches = [torch.randn(n, 64, generator=torch.Generator().manual_seed(n)) for n in (16, 7, 5, 16, 3)]
+    whole = activation_similarity(spec, a, b, [torch.cat(batches)])[0]
+    parts = activation_similarity(spec, a, b, batches)[0]
+    assert all(torch.allclose(whole[k], parts[k], atol=1e-5) for k in whole)
+    runner = runner_for(a)
+    assert runner._dynamic and not runner._static  # one dynamic export served every size
 
 
 def test_batches_unlike_the_example_inputs(mlp_pair) -> None:

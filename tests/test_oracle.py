@@ -95,7 +95,7 @@ class InPlace(nn.Module):
 
 def test_traced_graph_is_functional():
     spec = assert_sound(InPlace(), _x(5, 4))
-    mutable = [n for n in spec.traced.graph_module.graph.nodes
+    mutable = [n for n in spec.analysis.traced.graph_module.graph.nodes
                if n.op == "call_function" and getattr(getattr(n.target, "_schema", None), "is_mutable", False)]
     assert mutable == []
     assert_structure(spec, [(8, {M("a.weight", 0), M("a.bias", 0), M("b.weight", 1)})])
@@ -122,11 +122,11 @@ class ReadsBeforeAndThroughAView(nn.Module):
 def test_in_place_writes_keep_their_meaning_in_the_functional_graph(model):
     model, x = model(), _x(5, 4)
     spec = assert_sound(model, x, min_groups=0)
-    gm = spec.traced.graph_module
+    gm = spec.analysis.traced.graph_module
     assert not any(getattr(getattr(n.target, "_schema", None), "is_mutable", False) for n in gm.graph.nodes)
     # the functional graph computes what the model computes
     with torch.no_grad():
-        torch.testing.assert_close(spec.traced.program.module()(x), model(x))
+        torch.testing.assert_close(spec.analysis.traced.program.module()(x), model(x))
 
 
 _IN_PLACE = {  # name -> (op on the hidden layer, whether the hidden units stay permutable)
@@ -160,7 +160,7 @@ def test_buffer_updated_in_forward_is_a_mutation_output():
     from tests.helpers import RunningMean
 
     spec = assert_sound(RunningMean(), _x(5, 4))
-    assert list(spec.traced.mutations.values()) == ["b_avg"]
+    assert list(spec.analysis.traced.mutations.values()) == ["b_avg"]
     assert any(m.key == "avg" for g in spec.groups for m in g.members)
 
 

@@ -244,10 +244,10 @@ def test_refined_groups_record_why_they_are_tied(model):
 
 def test_graph_is_annotated_with_groups(zoo):
     _, _, spec = zoo
-    assert isinstance(spec.graph, nx.MultiDiGraph)
-    params = {n: d for n, d in spec.graph.nodes(data=True) if d.get("kind") == "parameter"}
+    assert isinstance(spec.analysis.graph, nx.MultiDiGraph)
+    params = {n: d for n, d in spec.analysis.graph.nodes(data=True) if d.get("kind") == "parameter"}
     assert any("stem.weight" in d["keys"] for d in params.values())
-    named = {n for _, d in spec.graph.nodes(data=True) for dims in [d.get("groups", ())] for n in _flat(dims)}
+    named = {n for _, d in spec.analysis.graph.nodes(data=True) for dims in [d.get("groups", ())] for n in _flat(dims)}
     assert set(spec.names) <= named
 
 
@@ -398,3 +398,22 @@ def test_verify_on_a_model_that_updates_a_buffer_in_forward():
     spec.verify(model, x, generator=torch.Generator().manual_seed(0))
     after = model.state_dict()
     assert all(torch.equal(after[k], before[k]) for k in before), "verify changed the model's buffers"
+
+
+def test_spec_is_plain_data_and_the_analysis_stays_apart():
+    mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    a = permgraph.analyze(mlp, torch.randn(3, 4))
+    assert isinstance(a, permgraph.Analysis) and a.spec.analysis is a
+    assert a.program is a.traced.program and a.unsupported == a.spec.unsupported == ()
+    back = permgraph.PermSpec.from_dict(json.loads(a.spec.to_json()))
+    assert back == a.spec and back.analysis is None  # the analysis is neither serialised nor compared
+    with pytest.warns(DeprecationWarning, match="spec.analysis.graph"):
+        assert a.spec.graph is a.graph
+    with pytest.warns(DeprecationWarning, match="spec.analysis.traced"):
+        assert a.spec.traced is a.traced
+    with pytest.warns(DeprecationWarning):
+        assert back.graph is None
+    # verify is a function of (spec, model, inputs); the method is a thin wrapper over it
+    x = torch.randn(5, 4)
+    assert permgraph.verify(back, mlp, x, perm=back.identity()) == 0.0
+    assert back.verify(mlp, x, perm=back.identity()) == 0.0

@@ -11,9 +11,12 @@ from permgraph.errors import (
     MatchError,
     SpecMismatchError,
 )
+from permgraph.layout import compose_index
 from permgraph.spec import PermSpec
 
-__all__ = ["MatchError", "check_spec", "check_finite", "gather_units", "compose_index", "LayoutInfo"]
+__all__ = ["MatchError", "check_spec", "check_finite", "gather_units", "compose_index", "LayoutInfo", "nested_positions"]
+
+# compose_index lives in permgraph.layout (the spec uses it too); it is re-exported here for the matchers
 
 
 def check_spec(spec: Any, what: str = "spec") -> PermSpec:
@@ -108,20 +111,28 @@ def gather_units(
     return m.reshape(lay.n, -1)
 
 
-def compose_index(size: int, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
-    """The gather index along one axis of several commuting groups' permutations.
+def nested_positions(pos_outer: torch.Tensor, pos_inner: torch.Tensor, axis_size: int) -> torch.Tensor | None:
+    """Where each inner unit sits inside each outer block, or None if the inner group is
+    not nested in the outer one.
 
     Args:
-        size: the axis length.
-        parts: ``(positions, perm)`` pairs, positions of shape ``(*counts, n, block)``.
+        pos_outer: outer positions ``(*counts, n, block)``.
+        pos_inner: inner positions ``(*counts', m, 1)``.
+        axis_size: the axis length.
 
     Returns:
-        The int64 index (None when ``parts`` is empty).
+        ``(*counts, n, m)`` positions: entry ``[..., i, u]`` is where inner unit ``u`` sits in
+        outer unit ``i``'s block; None unless every block holds each inner unit exactly once.
     """
-    if not parts:
+    m = pos_inner.shape[-2]
+    if pos_inner.shape[-1] != 1 or pos_outer.shape[-1] != m or m < 2:
         return None
-    idx = torch.arange(size)
-    for pos, p in parts:
-        src = pos.index_select(-2, p)
-        idx[pos.reshape(-1)] = idx[src.reshape(-1)]
-    return idx
+    unit = torch.full((axis_size,), -1, dtype=torch.int64)
+    unit[pos_inner.reshape(-1)] = torch.arange(m).view(m, 1).expand(pos_inner.shape).reshape(-1)
+    units = unit[pos_outer]  # (*counts, n, m): the inner unit at each block position
+    if bool((units < 0).any()):
+        return None
+    ordered, order = torch.sort(units, dim=-1)
+    if not torch.equal(ordered, torch.arange(m).expand_as(ordered)):
+        return None
+    return pos_outer.gather(-1, order)

@@ -1,7 +1,8 @@
 """Activation matching: align B to A by how alike their hidden units respond to data.
 
-Both models run the traced graph of the spec (``spec.traced``) in lockstep, batch by batch,
-with their own weights. For each group, the values that carry it are read through the
+Both models run the traced graph of the spec's analysis in lockstep, batch by batch, with
+their own weights (through `permgraph.runner`; a spec without an analysis, read back with
+`PermSpec.from_dict`, gets the model's, analysed on the first batch). For each group, the values that carry it are read through the
 group's layout into ``(samples, n)`` matrices (every other dim, block and repeat position
 counts as a sample): preferably the outputs of non-linear element-wise ops (ReLU, GELU,
 SiLU, ...), the post-activation units Git Re-Basin and Benzing et al. match; else every
@@ -26,23 +27,21 @@ float64 sums are added in another order.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import torch
-from torch.export.graph_signature import InputKind
 
 from permgraph import distributed as _dist
 from permgraph import lap as _lap
-from permgraph.errors import PermGraphError
-from permgraph.match._common import MatchError, check_finite, check_spec
-from permgraph.match.weight import _nested_positions
+from permgraph.match import _stats
+from permgraph.match._common import MatchError, check_finite, check_spec, nested_positions
+from permgraph.match._stats import ActivationStats
+from permgraph.runner import device_of, input_signature, runner_for
 from permgraph.spec import Layout, PermSpec
-from permgraph.trace import Traced, as_args, trace
 
 __all__ = ["activation_matching", "activation_similarity", "ActivationStats", "METHODS", "NONLINEAR_OPS"]
 
@@ -71,112 +70,6 @@ def _base(target: str) -> str:
     return name[:-1] if name.endswith("_") and not name.startswith("_") else name
 
 
-@dataclass
-class ActivationStats:
-    """Streaming cross-statistics of ``n`` units of A against ``n`` units of B.
-
-    The sums are of the data shifted by the first batch's means (``shift_a``, ``shift_b``):
-    the centred moments then lose no precision to large means, and the raw ones (for the
-    cosine) follow exactly.
-
-    Attributes:
-        count: number of samples seen.
-        shift_a, shift_b: the per-unit shifts (float64).
-        sum_a, sum_b: per-unit sums of the shifted data (float64).
-        sq_a, sq_b: per-unit sums of its squares (float64).
-        cross: ``Σ (x_a - shift_a)ᵀ (x_b - shift_b)``, ``(n, n)`` (float64).
-    """
-
-    n: int
-    device: torch.device
-    count: float = 0.0
-    shift_a: torch.Tensor | None = None
-    shift_b: torch.Tensor | None = None
-    sum_a: torch.Tensor = field(init=False)
-    sum_b: torch.Tensor = field(init=False)
-    sq_a: torch.Tensor = field(init=False)
-    sq_b: torch.Tensor = field(init=False)
-    cross: torch.Tensor = field(init=False)
-
-    def __post_init__(self) -> None:
-        z = torch.zeros(self.n, dtype=torch.float64, device=self.device)
-        self.sum_a, self.sum_b, self.sq_a, self.sq_b = z.clone(), z.clone(), z.clone(), z
-        self.cross = torch.zeros(self.n, self.n, dtype=torch.float64, device=self.device)
-
-    def update(self, xa: torch.Tensor, xb: torch.Tensor) -> None:
-        """Add ``(samples, n)`` observations of A's and B's units."""
-        xa = xa.to(self.device)
-        xb = xb.to(self.device)
-        if xa.dtype not in (torch.float32, torch.float64):
-            xa, xb = xa.float(), xb.float()
-        if self.shift_a is None or self.shift_b is None:
-            # the shift exactly as subtracted (rounded to the data's dtype), so that the raw
-            # sums follow exactly from the shifted ones
-            self.shift_a = xa.mean(0, dtype=torch.float64).to(xa.dtype).to(torch.float64)
-            self.shift_b = xb.mean(0, dtype=torch.float64).to(xb.dtype).to(torch.float64)
-        xa = xa - self.shift_a.to(xa.dtype)
-        xb = xb - self.shift_b.to(xb.dtype)
-        self.count += xa.shape[0]
-        self.sum_a += xa.sum(0, dtype=torch.float64)
-        self.sum_b += xb.sum(0, dtype=torch.float64)
-        self.sq_a += xa.square().sum(0, dtype=torch.float64)
-        self.sq_b += xb.square().sum(0, dtype=torch.float64)
-        self.cross += (xa.T @ xb).to(torch.float64)
-
-    def recentre(self, shift_a: torch.Tensor, shift_b: torch.Tensor) -> None:
-        """Express the sums about new shifts (float64, ``(n,)``), exactly up to rounding:
-        statistics gathered with different shifts (on different ranks) can then be added."""
-        zero = torch.zeros(self.n, dtype=torch.float64, device=self.device)
-        new_a = shift_a.to(device=self.device, dtype=torch.float64)
-        new_b = shift_b.to(device=self.device, dtype=torch.float64)
-        d_a = (self.shift_a if self.shift_a is not None else zero) - new_a
-        d_b = (self.shift_b if self.shift_b is not None else zero) - new_b
-        n = self.count
-        # Σ (x - new) = Σ (x - old) + n d, and likewise for the products
-        self.cross += d_a[:, None] * self.sum_b[None, :] + self.sum_a[:, None] * d_b[None, :] + n * d_a[:, None] * d_b[None, :]
-        self.sq_a += 2 * d_a * self.sum_a + n * d_a.square()
-        self.sq_b += 2 * d_b * self.sum_b + n * d_b.square()
-        self.sum_a += n * d_a
-        self.sum_b += n * d_b
-        self.shift_a, self.shift_b = new_a, new_b
-
-    def similarity(self, method: str = "correlation") -> torch.Tensor:
-        """The ``(n, n)`` similarity of A's unit ``u`` (row) and B's unit ``v`` (column), a
-        float64 CPU matrix.
-
-        Args:
-            method: ``"correlation"`` (Pearson), ``"covariance"`` or ``"cosine"``.
-
-        Returns:
-            The matrix; a unit that never varies (or is always zero, for cosine) has zero
-            similarity to every unit.
-        """
-        n = max(self.count, 1.0)
-        zero = torch.zeros(self.n, dtype=torch.float64, device=self.device)
-        ca = self.shift_a if self.shift_a is not None else zero
-        cb = self.shift_b if self.shift_b is not None else zero
-        if method == "cosine":
-            cross = self.cross + ca[:, None] * self.sum_b[None, :] + self.sum_a[:, None] * cb[None, :]
-            cross += self.count * ca[:, None] * cb[None, :]
-            na = (self.sq_a + 2 * ca * self.sum_a + self.count * ca.square()).clamp_min(0).sqrt()
-            nb = (self.sq_b + 2 * cb * self.sum_b + self.count * cb.square()).clamp_min(0).sqrt()
-            out = cross / (_safe(na)[:, None] * _safe(nb)[None, :])
-        else:
-            mean_a, mean_b = self.sum_a / n, self.sum_b / n
-            out = self.cross / n - mean_a[:, None] * mean_b[None, :]
-            if method == "correlation":
-                sa = (self.sq_a / n - mean_a.square()).clamp_min(0).sqrt()
-                sb = (self.sq_b / n - mean_b.square()).clamp_min(0).sqrt()
-                out = out / (_safe(sa)[:, None] * _safe(sb)[None, :])
-        return out.cpu()
-
-
-def _safe(x: torch.Tensor) -> torch.Tensor:
-    """``x`` with (near-)zero scales replaced by infinity, so what they divide becomes 0."""
-    tiny = x.abs().max().clamp_min(1e-300) * 1e-12
-    return torch.where(x > tiny, x, torch.full_like(x, math.inf))
-
-
 @dataclass(frozen=True)
 class _Occurrence:
     """One reading of a node's value: the units of ``key`` along ``dim`` at ``positions``
@@ -188,9 +81,13 @@ class _Occurrence:
     dim: int
     key: tuple[str, ...]
     positions: torch.Tensor
+    size: int  # the length of the dim, as traced
 
     def read(self, value: torch.Tensor) -> torch.Tensor:
         """The ``(samples, units)`` matrix of this reading of ``value``."""
+        if value.shape[self.dim] != self.size:
+            raise MatchError(f"node {self.node} has another size along the permuted dim for this batch shape; "
+                             "pass batches shaped like the example inputs")
         pos = self.positions
         counts, units, block = tuple(pos.shape[:-2]), pos.shape[-2], pos.shape[-1]
         x = value.movedim(self.dim, -1).index_select(-1, pos.reshape(-1).to(value.device))
@@ -198,14 +95,13 @@ class _Occurrence:
         return x.reshape(-1, units)
 
 
-def _plan(spec: PermSpec) -> tuple[dict[str, list[_Occurrence]], dict[tuple[str, ...], int], list[str]]:
+def _plan(spec: PermSpec, graph: Any) -> tuple[dict[str, list[_Occurrence]], dict[tuple[str, ...], int], list[str]]:
     """Pick the values that represent each group.
 
     Returns:
         node name -> its readings, accumulator key -> its number of units, and the groups
         no value carries.
     """
-    graph = spec.graph
     sizes = {g.name: g.size for g in spec.groups}
     # every (node, item, dim, group, layout) carrying a group, in graph order
     found: dict[str, list[tuple[str, int | None, int, Layout, str]]] = {g: [] for g in sizes}
@@ -248,7 +144,7 @@ def _plan(spec: PermSpec) -> tuple[dict[str, list[_Occurrence]], dict[tuple[str,
             for other, olay in dims[(node, item, dim)]:
                 if other == gname:
                     continue
-                inner = _nested_positions(lay.positions(sizes[gname]), olay.positions(sizes[other]), dim_size)
+                inner = nested_positions(lay.positions(sizes[gname]), olay.positions(sizes[other]), dim_size)
                 if inner is not None:
                     joint[(node, item, dim, gname, lay)] = (other, inner.reshape(*inner.shape[:-2], -1, 1))
                     covered.add((node, item, dim, other, olay))
@@ -259,139 +155,18 @@ def _plan(spec: PermSpec) -> tuple[dict[str, list[_Occurrence]], dict[tuple[str,
         for node, item, dim, lay in occs:
             if (node, item, dim, gname, lay) in covered:
                 continue  # read jointly with its heads
+            shape = graph.nodes[node]["shape"]
+            size = (shape[item] if item is not None else shape)[dim]
             nest = joint.get((node, item, dim, gname, lay))
             if nest is not None:
                 key: tuple[str, ...] = (gname, nest[0])
-                reading = _Occurrence(node, item, dim, key, nest[1])
+                reading = _Occurrence(node, item, dim, key, nest[1], size)
                 keys[key] = sizes[gname] * sizes[nest[0]]
             else:
-                reading = _Occurrence(node, item, dim, (gname,), lay.positions(sizes[gname]))
+                reading = _Occurrence(node, item, dim, (gname,), lay.positions(sizes[gname]), size)
                 keys[(gname,)] = sizes[gname]
             plan.setdefault(node, []).append(reading)
     return plan, keys, missing
-
-
-class _Runner:
-    """Runs the traced graph of one input signature for A and B in lockstep."""
-
-    def __init__(self, traced: Traced, model_a: torch.nn.Module, model_b: torch.nn.Module,
-                 state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch.Tensor]) -> None:
-        self.traced = traced
-        self.gm = traced.graph_module
-        self.nodes = list(self.gm.graph.nodes)
-        self.last_use: dict[torch.fx.Node, list[torch.fx.Node]] = {}
-        seen: set[torch.fx.Node] = set()
-        for node in reversed(self.nodes):
-            for inp in node.all_input_nodes:
-                if inp not in seen:
-                    seen.add(inp)
-                    self.last_use.setdefault(node, []).append(inp)
-        self.device_a = _device(model_a)
-        self.device_b = _device(model_b)
-        self.fixed_a = self._placeholders(model_a, state_a, self.device_a)
-        self.fixed_b = self._placeholders(model_b, state_b, self.device_b)
-
-    def _placeholders(self, model: torch.nn.Module, state: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
-        """The values of every placeholder but the user inputs."""
-        traced = self.traced
-        ep = traced.program
-        buffers = dict(model.named_buffers(remove_duplicate=False))
-        specs = {getattr(s.arg, "name", None): s for s in ep.graph_signature.input_specs}
-        out: dict[str, Any] = {}
-        for node in self.nodes:
-            if node.op != "placeholder" or node.name in traced.user_inputs:
-                continue
-            if node.name in traced.params:
-                out[node.name] = state[traced.params[node.name][0]]
-                continue
-            s = specs.get(node.name)
-            target = getattr(s, "target", None)
-            if s is not None and s.kind == InputKind.BUFFER and target in buffers:
-                value = buffers[target]
-            elif target in ep.constants:
-                value = ep.constants[target]
-            elif target in ep.state_dict:
-                value = ep.state_dict[target]
-            else:
-                raise MatchError(f"cannot find the value of graph input {node.name} ({target}); re-infer the spec from this model")
-            out[node.name] = value.to(device) if isinstance(value, torch.Tensor) else value
-        return out
-
-    def run(self, inputs: list[Any], plan: Mapping[str, list[_Occurrence]], stats: dict[tuple[str, ...], ActivationStats]) -> None:
-        """Run one batch (flattened user inputs) through A and B, feeding ``stats``."""
-        user = iter(inputs)
-        env_a: dict[torch.fx.Node, Any] = {}
-        env_b: dict[torch.fx.Node, Any] = {}
-        for node in self.nodes:
-            if node.op == "placeholder":
-                if node.name in self.traced.user_inputs:
-                    x = next(user)
-                    va, vb = _to(x, self.device_a), _to(x, self.device_b)
-                else:
-                    va, vb = self.fixed_a[node.name], self.fixed_b[node.name]
-            elif node.op == "call_function":
-                args_a, kwargs_a = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: env_a[n])
-                args_b, kwargs_b = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: env_b[n])
-                va = node.target(*args_a, **kwargs_a)
-                vb = node.target(*args_b, **kwargs_b)
-            elif node.op == "get_attr":
-                va = vb = _fetch(self.gm, str(node.target))
-            elif node.op == "output":
-                break
-            else:  # pragma: no cover - export graphs hold none
-                raise MatchError(f"cannot run graph node {node.name} of kind {node.op}")
-            env_a[node], env_b[node] = va, vb
-            for r in plan.get(node.name, ()):
-                xa = va if r.item is None else va[r.item]
-                xb = vb if r.item is None else vb[r.item]
-                stats[r.key].update(r.read(xa), r.read(xb))
-            for dead in self.last_use.get(node, ()):
-                env_a.pop(dead, None)
-                env_b.pop(dead, None)
-
-
-def _device(model: torch.nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
-def _to(x: Any, device: torch.device) -> Any:
-    return x.to(device) if isinstance(x, torch.Tensor) else x
-
-
-def _fetch(gm: torch.nn.Module, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _signature(flat: list[Any]) -> tuple[Any, ...]:
-    return tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else ("const", repr(x)) for x in flat)
-
-
-def _flatten(spec: PermSpec, batch: Any) -> tuple[list[Any], Any]:
-    """The batch's flat inputs in the traced order, and the batch with its keyword
-    arguments in that order."""
-    args, kwargs = as_args(batch)
-    in_spec = spec.traced.program.call_spec.in_spec
-    try:
-        from torch.export._tree_utils import reorder_kwargs
-
-        kwargs = reorder_kwargs(kwargs, in_spec)
-    except Exception:  # noqa: BLE001 - a mismatch is reported below
-        pass
-    flat, tree = torch.utils._pytree.tree_flatten((args, kwargs))
-    if in_spec is not None and tree != in_spec:
-        raise MatchError(
-            f"a batch is structured differently from the example inputs the spec was traced with "
-            f"(got {tree}, expected {in_spec}); pass each batch as a Tensor, tuple of positional "
-            "arguments or dict of keyword arguments, like infer's example_inputs"
-        )
-    return flat, (kwargs if kwargs else args)
 
 
 def _check_models(spec: PermSpec, model_a: Any, model_b: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -465,19 +240,15 @@ def _accumulate(spec: PermSpec, model_a: torch.nn.Module, model_b: torch.nn.Modu
         check_spec(spec)
         if method not in METHODS:
             raise MatchError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-        if spec.traced is None or spec.graph is None:
-            raise MatchError(
-                "this spec has no traced graph (it was loaded from a file?); activation matching runs the "
-                "graph: build the spec with permgraph.infer(model, example_inputs)"
-            )
         if isinstance(batches, (torch.Tensor, dict)):
             raise MatchError("batches must be an iterable of batches (e.g. a list or a DataLoader), not a single batch; wrap it: [batch]")
         if inputs is not None and not callable(inputs):
             raise MatchError(f"inputs must be a function of a batch (e.g. lambda b: b[0]), got {type(inputs).__name__}")
         state_a, state_b = _check_models(spec, model_a, model_b)
-        plan, keys, missing = _plan(spec)
-        example = _signature([n.meta.get("val") for n in spec.traced.graph_module.graph.nodes
-                              if n.op == "placeholder" and n.name in spec.traced.user_inputs])
+        runner = runner_for(model_a)
+        analysis, batches = runner.analysis(spec, model_a, batches, inputs, MatchError)
+        plan, keys, missing = _plan(spec, analysis.graph)
+        example = input_signature(analysis.traced)
         items: dict[str, Any] = {}
         if group is not None:
             items = {"method": method, **(options or {}),
@@ -494,9 +265,13 @@ def _accumulate(spec: PermSpec, model_a: torch.nn.Module, model_b: torch.nn.Modu
             stacklevel=3,
         )
     sizes = {g.name: g.size for g in spec.groups}
-    device = _device(model_a)
+    device = device_of(model_a) or torch.device("cpu")
     stats = {k: ActivationStats(n, device) for k, n in keys.items()}
-    runners: dict[tuple[Any, ...], _Runner] = {}
+
+    def read(name: str, va: Any, vb: Any) -> None:
+        for r in plan[name]:
+            xa, xb = (va, vb) if r.item is None else (va[r.item], vb[r.item])
+            stats[r.key].update(r.read(xa), r.read(xb))
     was = (model_a.training, model_b.training)
     bar = None
     seen = 0
@@ -515,15 +290,9 @@ def _accumulate(spec: PermSpec, model_a: torch.nn.Module, model_b: torch.nn.Modu
 
         def one(batch: Any) -> None:
             nonlocal seen
-            if inputs is not None:
-                batch = inputs(batch)
-            flat, canonical = _flatten(spec, batch)
-            sig = _signature(flat)
-            runner = runners.get(sig)
-            if runner is None:
-                traced = spec.traced if sig == example else _retrace(spec, model_a, canonical, plan)
-                runner = runners[sig] = _Runner(traced, model_a, model_b, state_a, state_b)
-            runner.run(flat, plan, stats)
+            flat, canonical = runner.flatten(analysis, batch, inputs, MatchError)
+            traced = runner.program(analysis, model_a, flat, canonical, plan, MatchError)
+            runner.run_pair(traced, (model_a, model_b), (state_a, state_b), flat, read, plan, MatchError)
             seen += 1
             if bar is not None:
                 bar.update(1)
@@ -534,20 +303,20 @@ def _accumulate(spec: PermSpec, model_a: torch.nn.Module, model_b: torch.nn.Modu
                 # rank 0's first batch sets the shifts every rank's sums are taken about:
                 # each batch's float32 products are then those of one process on all the
                 # batches, and only the float64 sums are added in another order
-                status, error = _NO_DATA, None
+                status, error = _stats.NO_DATA, None
                 if rank == 0:
                     try:
                         first = next(it, _END)
                         if first is not _END:
                             one(first)
-                            status = _DATA
+                            status = _stats.DATA
                     except Exception as exc:  # told to the others, then raised below
-                        status, error = _FAILED, exc
-                status = _share_shifts(stats, group, rank, status, timeout, call)
+                        status, error = _stats.FAILED, exc
+                status = _stats.share_shifts(stats, group, rank, status, timeout, call)
                 if error is not None:
                     raise error
-                shared = status == _DATA
-                if status == _FAILED:
+                shared = status == _stats.DATA
+                if status == _stats.FAILED:
                     it = iter(())  # rank 0 failed: straight to the handshake, which says so
             for batch in it:
                 one(batch)
@@ -561,7 +330,7 @@ def _accumulate(spec: PermSpec, model_a: torch.nn.Module, model_b: torch.nn.Modu
             bar.close()
     if group is not None:
         _dist.agree(group, f"{call} (after the data)", timeout=timeout)
-        seen = _reduce(stats, group, seen, timeout, call, shared=shared)
+        seen = _stats.reduce(stats, group, seen, timeout, call, shared=shared)
     if not seen:
         raise MatchError("batches is empty: activation matching needs at least one batch of inputs"
                          + (" (on every rank)" if group is not None else ""))
@@ -569,106 +338,6 @@ def _accumulate(spec: PermSpec, model_a: torch.nn.Module, model_b: torch.nn.Modu
 
 
 _END = object()
-_NO_DATA, _DATA, _FAILED = 0.0, 1.0, 2.0
-
-
-def _share_shifts(stats: Mapping[tuple[str, ...], ActivationStats], group: Any, rank: int, status: float,
-                  timeout: float | timedelta | None, call: str) -> float:
-    """Give every rank rank 0's shifts (the means of its first batch) and rank 0's status
-    (``_DATA``, ``_NO_DATA`` or ``_FAILED``), which is returned. Sent as a sum to which
-    the other ranks add zeros."""
-    order = sorted(stats)
-    parts = [torch.tensor([status if rank == 0 else 0.0], dtype=torch.float64)]
-    for k in order:
-        st = stats[k]
-        if rank == 0 and status == _DATA:
-            zero = torch.zeros(st.n, dtype=torch.float64, device=st.device)
-            if st.shift_a is None or st.shift_b is None:  # a key the first batch did not reach
-                st.shift_a, st.shift_b = zero.clone(), zero.clone()
-            parts += [st.shift_a.clone(), st.shift_b.clone()]
-        else:
-            parts += [torch.zeros(st.n, dtype=torch.float64, device=st.device) for _ in range(2)]
-    _dist.all_reduce_sum(parts, group, timeout=timeout, what=f"{call} (rank 0's first batch)")
-    got = float(parts[0])
-    if rank != 0 and got == _DATA:
-        for i, k in enumerate(order):
-            stats[k].shift_a, stats[k].shift_b = parts[1 + 2 * i], parts[2 + 2 * i]
-    return got
-
-
-def _reduce(stats: Mapping[tuple[str, ...], ActivationStats], group: Any, seen: int,
-            timeout: float | timedelta | None, call: str, *, shared: bool = False) -> int:
-    """Sum every rank's statistics (in place) and return the total number of batches.
-
-    With ``shared`` shifts (every rank's sums are about rank 0's shifts) the sums are added
-    as they are. Otherwise each rank's sums are about its own shifts (its first batch's
-    means): the ranks first sum their counts and raw sums, every rank re-centres on the
-    global means, then the centred sums are added."""
-    order = sorted(stats)
-    if shared:
-        tensors: list[torch.Tensor] = [torch.tensor([float(seen)], dtype=torch.float64)]
-        for k in order:
-            st = stats[k]
-            tensors += [torch.tensor([st.count], dtype=torch.float64, device=st.device),
-                        st.sum_a, st.sum_b, st.sq_a, st.sq_b, st.cross]
-        _dist.all_reduce_sum(tensors, group, timeout=timeout, what=f"{call} (summing the statistics)")
-        for i, k in enumerate(order):
-            stats[k].count = float(tensors[1 + 6 * i])
-        return int(tensors[0])
-    first: list[torch.Tensor] = [torch.tensor([float(seen)], dtype=torch.float64)]
-    for k in order:
-        st = stats[k]
-        zero = torch.zeros(st.n, dtype=torch.float64, device=st.device)
-        ca = st.shift_a if st.shift_a is not None else zero
-        cb = st.shift_b if st.shift_b is not None else zero
-        first += [torch.tensor([st.count], dtype=torch.float64, device=st.device),
-                  st.sum_a + st.count * ca, st.sum_b + st.count * cb]
-    _dist.all_reduce_sum(first, group, timeout=timeout, what=f"{call} (summing counts and means)")
-    second: list[torch.Tensor] = []
-    for i, k in enumerate(order):
-        st = stats[k]
-        count, raw_a, raw_b = float(first[1 + 3 * i]), first[2 + 3 * i], first[3 + 3 * i]
-        total = max(count, 1.0)
-        st.recentre(raw_a / total, raw_b / total)
-        second += [st.sum_a, st.sum_b, st.sq_a, st.sq_b, st.cross]
-    _dist.all_reduce_sum(second, group, timeout=timeout, what=f"{call} (summing the statistics)")
-    for i, k in enumerate(order):
-        stats[k].count = float(first[1 + 3 * i])
-    return int(first[0])
-
-
-def _retrace(spec: PermSpec, model: torch.nn.Module, batch: Any, plan: Mapping[str, list[_Occurrence]]) -> Traced:
-    """Trace ``model`` again for a batch of another shape than the example inputs (export
-    graphs have static shapes), and check the nodes the plan reads are the same."""
-    try:
-        traced = trace(model, batch)
-    except PermGraphError as exc:
-        raise MatchError(f"a batch of another shape than the example inputs could not be traced: {exc}") from exc
-    nodes = {n.name: n for n in traced.graph_module.graph.nodes}
-    for name, readings in plan.items():
-        node = nodes.get(name)
-        want = spec.graph.nodes[name]
-        if node is None or str(want.get("target")) not in (str(node.target), _target_name(node)):
-            raise MatchError(
-                f"the graph traced for a batch of another shape differs from the spec's (node {name}); "
-                "pass batches shaped like the example inputs, or re-infer the spec on such a batch"
-            )
-        val = node.meta.get("val")
-        for r in readings:
-            v = val[r.item] if r.item is not None else val
-            old = want["shape"][r.item] if r.item is not None else want["shape"]
-            if not isinstance(v, torch.Tensor) or v.shape[r.dim] != old[r.dim]:
-                raise MatchError(
-                    f"node {name} has another size along the permuted dim for this batch shape; "
-                    "pass batches shaped like the example inputs"
-                )
-    return traced
-
-
-def _target_name(node: torch.fx.Node) -> str:
-    from permgraph.rules import op_name
-
-    return op_name(node.target)
 
 
 def activation_matching(
