@@ -369,7 +369,7 @@ class Analysis:
         return self.traced.program
 
 
-def analyze(model: torch.nn.Module, example_inputs: Any, *, strict: bool = False) -> Analysis:
+def analyze(model: torch.nn.Module, example_inputs: Any = None, *, strict: bool = False) -> Analysis:
     """`infer`, keeping what the groups were derived from: the traced program and the graph.
 
     Args and Raises: as `infer`.
@@ -381,6 +381,12 @@ def analyze(model: torch.nn.Module, example_inputs: Any, *, strict: bool = False
         >>> a.spec.names, a.graph.nodes["relu"]["groups"]
         (['0'], ((), ('0',)))
     """
+    if isinstance(model, Traced):  # the old analyze(traced) -> (solver, unsupported)
+        import warnings
+
+        warnings.warn("analyze(traced) is deprecated: analyze(model, example_inputs) returns an Analysis; "
+                      "block_reasons(traced) reads why axes are blocked", DeprecationWarning, stacklevel=2)
+        return _run_rules(model)[:2]  # type: ignore[return-value]
     traced = trace(model, example_inputs)
     t0 = time.perf_counter()
     s, unsupported, conflicts = _run_rules(traced)

@@ -57,6 +57,7 @@ def verify(
     spec passes, a `RoundingWarning` says so, and the float64 error is returned.
 
     Args:
+        spec: the groups to check (``spec.verify(model, inputs)`` is the same call).
         model: the model the spec was inferred from (or one of its architecture).
         example_inputs: a Tensor, a tuple of positional or a dict of keyword arguments.
         perm: check this permutation only, instead of the draws.

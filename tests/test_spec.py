@@ -413,6 +413,9 @@ def test_spec_is_plain_data_and_the_analysis_stays_apart():
         assert a.spec.traced is a.traced
     with pytest.warns(DeprecationWarning):
         assert back.graph is None
+    with pytest.warns(DeprecationWarning, match="analyze"):  # the old analyze(traced) still answers
+        _, unsupported = permgraph.analysis.analyze(a.traced)
+    assert list(unsupported) == []
     # verify is a function of (spec, model, inputs); the method is a thin wrapper over it
     x = torch.randn(5, 4)
     assert permgraph.verify(back, mlp, x, perm=back.identity()) == 0.0
