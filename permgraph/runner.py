@@ -151,7 +151,8 @@ class Runner:
                 self._analysis = analyze(model, kwargs if kwargs and not args else args)
             except TraceError as exc:
                 raise UntraceableModelError(
-                    f"{type(model).__name__} cannot be exported whole, and this needs its graph: {exc}\n"
+                    f"this needs the model's traced graph (the spec has none), and torch.export cannot trace "
+                    f"{type(model).__name__} whole: {exc}\n"
                     "Weight matching (permgraph.weight_matching) reads the weights alone and still works."
                 ) from exc
         return _relabel(self._analysis, spec, error), batches
