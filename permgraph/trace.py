@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
+from torch.utils._pytree import tree_leaves
 
 from permgraph.errors import TraceError
 
@@ -315,23 +316,35 @@ def functionalize(program: ExportedProgram) -> tuple[ExportedProgram, str]:
 
 
 def tensors_in(obj: Any, seen: set[int] | None = None) -> list[torch.Tensor]:
-    """Every tensor reachable from ``obj`` through containers, pytrees and object attributes."""
+    """Every tensor reachable from ``obj``, in order, each as often as it is reached.
+
+    The leaves of ``obj``'s pytree (``torch.utils._pytree``: containers, named tuples and
+    every registered output class); then, through the leaves pytree does not know (a user's
+    dataclass, a ``DynamicCache``, a dict or tuple subclass), their items or attributes.
+    Plain ``tree_leaves`` is not enough: export is retried with these tensors as the outputs
+    precisely when the model returns objects pytree cannot flatten. Objects are visited
+    once (``seen``, by id), so cycles end.
+    """
     seen = set() if seen is None else seen
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if id(obj) in seen or isinstance(obj, (str, bytes, int, float, bool, type(None), torch.nn.Module)):
-        return []
-    seen.add(id(obj))
-    if isinstance(obj, dict):
-        items: Any = obj.values()
-    elif isinstance(obj, (list, tuple)):
-        items = obj
-    elif hasattr(obj, "__dict__"):
-        items = vars(obj).values()
-    else:
-        items = getattr(obj, "__slots__", ())
-        items = [getattr(obj, a, None) for a in ([items] if isinstance(items, str) else items)]
-    return [t for item in items for t in tensors_in(item, seen)]
+    out: list[torch.Tensor] = []
+    for leaf in tree_leaves(obj):
+        if isinstance(leaf, torch.Tensor):
+            out.append(leaf)
+            continue
+        if id(leaf) in seen or isinstance(leaf, (str, bytes, int, float, bool, type(None), torch.nn.Module)):
+            continue
+        seen.add(id(leaf))
+        if isinstance(leaf, dict):
+            items: Any = list(leaf.values())
+        elif isinstance(leaf, (list, tuple)):
+            items = list(leaf)
+        elif hasattr(leaf, "__dict__"):
+            items = list(vars(leaf).values())
+        else:
+            slots = getattr(leaf, "__slots__", ())
+            items = [getattr(leaf, a, None) for a in ([slots] if isinstance(slots, str) else slots)]
+        out += tensors_in(items, seen)
+    return out
 
 
 def _describe(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
