@@ -35,6 +35,7 @@ from typing import Any, Protocol
 
 import torch
 import torch.fx
+from torch.fx.operator_schemas import normalize_function
 
 __all__ = [
     "Axis",
@@ -312,11 +313,25 @@ def lookup(target: Any) -> Rule | None:
 
 
 def bind_args(node: torch.fx.Node) -> dict[str, Any]:
-    """Arguments of a call by schema name, with defaults filled in."""
+    """Arguments of a call by schema name, with defaults filled in.
+
+    ``torch.fx.operator_schemas.normalize_function`` binds them to the op's schema; its
+    signature calls the first argument ``input`` where the schema says ``self``, so the
+    values are named from the schema itself. It gives up (``None``) on a schema argument
+    without default that the call leaves out, on positional-only or varargs schemas; those
+    are bound by hand (a missing argument is ``None``). Targets without a schema (Python
+    functions such as ``operator.getitem``) are keyed by position and keyword.
+    """
     target = node.target
     schema = getattr(target, "_schema", None)
     if schema is None:
         return {str(i): a for i, a in enumerate(node.args)} | dict(node.kwargs)
+    try:
+        pair = normalize_function(target, tuple(node.args), dict(node.kwargs), normalize_to_only_use_kwargs=True)
+    except Exception:  # noqa: BLE001 - an ambiguous or unreadable schema: bound by hand below
+        pair = None
+    if pair is not None and len(pair.kwargs) == len(schema.arguments):
+        return dict(zip((a.name for a in schema.arguments), pair.kwargs.values()))
     out: dict[str, Any] = {}
     for i, a in enumerate(schema.arguments):
         if i < len(node.args):
