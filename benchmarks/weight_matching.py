@@ -5,7 +5,8 @@
 MODEL is any of ``mlp``, ``resnet18``, ``resnet50``, ``vit_b_16`` (torchvision) and ``gpt2``
 (a GPT-2 small-shaped ``transformers`` model, 12 layers of width 768, random init); default:
 all. For each: the seconds of ``infer``, of ``weight_matching`` and their total, the sweeps it
-needed, the objective ``Σ <A, P(B)>`` it reached, and the *floor*: one sweep's similarity
+needed, the objective ``Σ <A, P(B)>`` it reached (with the defaults, row ``ours``, and
+with ``order="graph", tol=1e-3``, row ``graph``), and the *floor*: one sweep's similarity
 GEMMs plus the LAPs of every group, computed once at the identity (no algorithm that looks at
 every group once can beat it); each total is also given as a multiple of that floor.
 
@@ -113,7 +114,7 @@ def floor_seconds(spec: permgraph.PermSpec, a: dict, b: dict) -> tuple[float, fl
     return best
 
 
-def ours(name: str, tol: float | None) -> dict[str, float]:
+def ours(name: str, kw: dict) -> dict[str, float]:
     model_a, model_b, x = pair(name)
     t0 = time.perf_counter()
     with warnings.catch_warnings():
@@ -121,7 +122,6 @@ def ours(name: str, tol: float | None) -> dict[str, float]:
         spec = permgraph.infer(model_a, x)
     t1 = time.perf_counter()
     a, b = model_a.state_dict(), model_b.state_dict()
-    kw = {} if tol is None else {"tol": tol}
     perm, hist = weight_matching(spec, a, b, return_history=True, **kw)
     t2 = time.perf_counter()
     aligned = spec.apply(perm, b)
@@ -189,6 +189,9 @@ def snimu(name: str) -> dict[str, float] | str | None:
     }
 
 
+#: the second configuration of ours in the table: graph order, stop on a sweep gaining <= 0.1%
+FAST = {"order": "graph", "tol": 1e-3}
+
 #: snimu gets this many seconds per run before it counts as failed
 SNIMU_TIMEOUT = 600
 
@@ -222,12 +225,17 @@ def main() -> None:
     print(head, flush=True)
     for name in args.models or list(MODELS):
         best: dict | None = None
+        fast: dict | None = None
         theirs: dict | str | None = None
         for _ in range(args.repeat):
-            r = ours(name, args.tol)
+            r = ours(name, {} if args.tol is None else {"tol": args.tol})
             assert abs(r["objective"] - r["check"]) <= 1e-4 * abs(r["check"]), "history objective is off"
             if best is None or r["total"] < best["total"]:
                 best = r
+            r = ours(name, FAST)
+            assert abs(r["objective"] - r["check"]) <= 1e-4 * abs(r["check"]), "history objective is off"
+            if fast is None or r["total"] < fast["total"]:
+                fast = r
             if isinstance(theirs, str):
                 continue  # it failed once: it fails again
             s = snimu(name)
@@ -243,17 +251,21 @@ def main() -> None:
         out.append(f"{'':16s} floor {floor:.3f} s = {gemm:.3f} s GEMMs + {laps:.3f} s LAPs; {len(best['spec'].groups)} "
                    f"groups; {best['gflop']:.0f} GFLOP; products {hist.product_seconds:.2f} s, LAPs {hist.lap_seconds:.2f} s "
                    f"({hist.laps}); changed per sweep: {per_sweep}")
+        out.append(_row(name, "graph", fast, floor))
+        out.append(f"{'':16s} (order='graph', tol={FAST['tol']}): changed per sweep: "
+                   + " ".join(str(len(c)) for c in fast["hist"].changed))
         if isinstance(theirs, dict):
             spec = best["spec"]
             theirs["objective"] = objective(spec, theirs["sd_a"], theirs["sd_b"])
             theirs["objective0"] = objective(spec, theirs["sd_a"], theirs["sd_b0"])
             out.append(_row(name, "snimu", theirs, floor))
-            out.append(f"{'':16s} ours is {theirs['total'] / best['total']:.1f}x faster in total")
+            out.append(f"{'':16s} in total, ours (defaults) is {theirs['total'] / best['total']:.1f}x faster, "
+                       f"graph {theirs['total'] / fast['total']:.1f}x")
         elif isinstance(theirs, str):
             out.append(f"{name:9s} {'snimu':6s} {theirs}")
         print("\n".join(out), flush=True)
         lines += out
-        del best, theirs
+        del best, fast, theirs
     print("\nsummary\n" + "\n".join(lines))
 
 

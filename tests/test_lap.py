@@ -169,3 +169,27 @@ def test_solve_cost_is_solve_without_checks_and_leaves_the_matrix_alone(backend:
     p = solve_cost(m, backend=backend)
     assert np.array_equal(m, before)
     assert _objective(m, p) == pytest.approx(_objective(m, solve(m, maximize=False, backend="scipy")), rel=1e-12)
+
+
+def test_solve_cost_skips_the_backend_when_every_row_minimum_is_in_its_own_column(monkeypatch: pytest.MonkeyPatch) -> None:
+    import permgraph.lap as lap_module
+    from permgraph.lap import solve_cost
+
+    rng = np.random.default_rng(4)
+    hidden = rng.permutation(200)
+    cost = rng.random((200, 200))
+    cost[np.arange(200), hidden] -= 2.0  # each row's clear minimum, a permutation
+    calls = []
+
+    def spy(c: np.ndarray) -> np.ndarray:
+        calls.append(c.shape)
+        return lap_module._scipy(c)
+
+    monkeypatch.setitem(lap_module.BACKENDS, "scipy", ("scipy.optimize", spy))
+    p = solve_cost(cost, backend="scipy")
+    assert p.tolist() == hidden.tolist() and p.dtype == torch.int64 and calls == []
+    # two rows sharing their minimum's column: the backend solves it, to the same optimum as scipy
+    cost[1, hidden[0]] = cost[0, hidden[0]] - 1.0
+    p = solve_cost(cost, backend="scipy")
+    assert calls == [(200, 200)]
+    assert _objective(cost, p) == pytest.approx(_objective(cost, solve(cost, maximize=False, backend="scipy")), rel=1e-12)

@@ -168,6 +168,24 @@ def test_independent_models_objective_rises_and_the_result_is_a_symmetry(two_res
     assert torch.allclose(before, after, rtol=1e-4, atol=1e-5)
 
 
+def test_tol_stops_early_and_each_order_reaches_a_fixed_point(two_resnet18s) -> None:
+    spec, a, b = two_resnet18s
+    _, exact = weight_matching(spec, a, b, tol=0, return_history=True)
+    _, loose = weight_matching(spec, a, b, tol=0.3, return_history=True)
+    assert exact.converged and not exact.stopped_by_tol and exact.changed[-1] == []
+    # the loose run took the same path and stopped at the first sweep that gained <= 30% of the total so far
+    assert loose.stopped_by_tol and not loose.converged and loose.sweeps < exact.sweeps
+    assert loose.objective == pytest.approx(exact.objective[: loose.sweeps + 1], rel=1e-9)
+    gains = [y - x for x, y in zip(exact.objective, exact.objective[1:])]
+    first = next(i for i in range(1, len(gains)) if gains[i] <= 0.3 * (exact.objective[i + 1] - exact.objective[0]))
+    assert loose.sweeps == first + 1
+    # the graph order reaches a fixed point too, at a comparable objective
+    _, graph = weight_matching(spec, a, b, order="graph", return_history=True)
+    assert graph.converged and graph.changed[-1] == []
+    assert graph.objective[-1] == pytest.approx(exact.objective[-1], rel=0.01)
+    assert graph.objective[1] > exact.objective[0]
+
+
 def test_same_seed_same_answer_and_lap_backends_agree(two_resnet18s) -> None:
     spec, a, b = two_resnet18s
     p1, h1 = weight_matching(spec, a, b, seed=3, return_history=True)
@@ -311,6 +329,11 @@ def test_bad_arguments(mlp_spec) -> None:
     spec, a = mlp_spec
     with pytest.raises(MatchError, match="max_iter"):
         weight_matching(spec, a, a, max_iter=0)
+    for tol in (-0.1, 1.0, "0", True):
+        with pytest.raises(MatchError, match="tol must be"):
+            weight_matching(spec, a, a, tol=tol)  # type: ignore[arg-type]
+    with pytest.raises(MatchError, match="order must be 'graph' or 'random'"):
+        weight_matching(spec, a, a, order="sorted")  # type: ignore[arg-type]
     with pytest.raises(LapError, match="unknown LAP backend"):
         weight_matching(spec, a, a, lap="magic")
     with pytest.raises(PermutationError):
