@@ -6,7 +6,11 @@ group permutes. With every group but ``g`` fixed, ``J`` is linear in ``g``'s per
 ``A_T`` with the member axis brought to the front and read at the member's layout
 positions (an ``(n, rest)`` matrix) and ``B_m`` is the same from ``B_T`` after every *other*
 group's current permutation. Solving that LAP is one step; the groups are visited in a
-random order, sweep after sweep, until a whole sweep improves nothing.
+random order (``order="random"``, the default) or in the order of their tensors in the
+state_dict (``order="graph"``: input side first), sweep after sweep, until a whole sweep
+improves nothing (``tol=0``, the default) or raises ``J`` by at most ``tol`` times what all
+sweeps so far raised it. A LAP whose every row has its best column to itself is not solved:
+those columns are the optimum.
 
 **Nested groups.** Attention gives groups whose units are blocks of another group's units:
 a head (``n = H``, blocks of ``D``) holds every within-head unit once. Taken one at a time,
@@ -23,7 +27,8 @@ visit to visit, with the permutations each member's term was computed under; a v
 for each member whose other axes were re-gathered since, the change of its term only:
 ``A_J · (B_new,J - B_old,J)ᵀ`` over the positions ``J`` that moved when one other axis
 changed (after the first sweeps a neighbour's new permutation moves a tenth of its units or
-fewer), the whole ``A_m · (B_new - B_old)ᵀ`` otherwise. Products run on the compute device;
+fewer), the whole ``A_m · (B_new - B_old)ᵀ`` otherwise; the thin updates of one visit are
+concatenated into one GEMM (each alone would cost a pass over ``S_g``). Products run on the compute device;
 only the LAP runs on the host, on a float64 copy of ``-S_g``.
 
 **Streaming.** Neither model is held whole: ``state_a`` and ``state_b`` may be lazy mappings
