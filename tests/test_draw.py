@@ -155,7 +155,7 @@ def check_content(spec: permgraph.PermSpec, d: Drawing) -> None:
     for nid, a in nodes.items():
         for k in json.loads(a.get("pg_params", "[]")):
             holders.setdefault(k, []).append(nid)
-    unused = {k for n, a in spec.graph.nodes(data=True) if a["kind"] == "parameter" and not spec.graph.out_degree(n)
+    unused = {k for n, a in spec.analysis.graph.nodes(data=True) if a["kind"] == "parameter" and not spec.analysis.graph.out_degree(n)
               for k in a["keys"]}
     for g in spec.groups:
         if all(m.key in unused for m in g.members):  # no op reads it: nothing to draw but the legend row
