@@ -1,6 +1,6 @@
 """permgraph: find, apply and use the permutation symmetries of any PyTorch model."""
 
-from permgraph.align import align
+from permgraph.aligning import align
 from permgraph.analysis import Analysis, analyze, infer
 from permgraph.errors import (
     DataError,
@@ -45,7 +45,7 @@ from permgraph.oracle import verify
 from permgraph.repairing import repair
 from permgraph.rules import rule
 from permgraph.spec import Group, Layout, Member, PermSpec, Permutation, Unsupported
-from permgraph.trace import trace
+from permgraph.tracing import trace
 
 __version__ = "0.1.0"
 

@@ -35,7 +35,7 @@ from permgraph.rules import (
     values_of,
 )
 from permgraph.spec import Group, Layout, Member, PermSpec, Unsupported
-from permgraph.trace import Traced, trace
+from permgraph.tracing import Traced, trace
 from permgraph.unify import Leaf, Tree, Unifier
 from permgraph.views import picks_through_views
 
@@ -347,7 +347,7 @@ class Analysis:
 
     Attributes:
         spec: the `PermSpec` (plain data; ``spec.analysis`` is this object).
-        traced: the `permgraph.trace.Traced` program the rules ran on.
+        traced: the `permgraph.tracing.Traced` program the rules ran on.
         graph: the ``networkx`` graph of the program (see `permgraph.graph`), each node
             annotated with the groups (``groups``) and layouts (``layouts``) of its output dims.
         conflicts: the layout conflicts found (also in ``spec.unsupported``).

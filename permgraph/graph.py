@@ -23,7 +23,7 @@ import networkx as nx
 import torch
 
 from permgraph.rules import op_name
-from permgraph.trace import Traced
+from permgraph.tracing import Traced
 
 __all__ = ["build_graph", "module_path"]
 

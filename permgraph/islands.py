@@ -31,7 +31,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from permgraph.errors import IslandsWarning, TraceError
 from permgraph.spec import Group, Member, PermSpec, Unsupported
-from permgraph.trace import as_args, module_modes, restore_modes
+from permgraph.tracing import as_args, module_modes, restore_modes
 
 __all__ = ["infer_islands"]
 

@@ -16,7 +16,7 @@ import torch
 
 from permgraph.errors import OracleArgumentError, RoundingWarning, VerificationError
 from permgraph.spec import PermSpec
-from permgraph.trace import as_args, module_modes, restore_modes, tensors_in
+from permgraph.tracing import as_args, module_modes, restore_modes, tensors_in
 
 __all__ = ["verify"]
 

@@ -29,7 +29,7 @@ import torch
 from torch.export.graph_signature import InputKind
 
 from permgraph.errors import MergeError, PermGraphError, SpecMismatchError, TraceError, UntraceableModelError
-from permgraph.trace import Traced, as_args, trace
+from permgraph.tracing import Traced, as_args, trace
 
 __all__ = ["Runner", "runner_for", "batch_inputs", "device_of", "to_device", "input_signature"]
 

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import permgraph
-from permgraph.examples.digits import batches, evaluator, load_digits, make_mlp
 from permgraph.errors import PermutationError, SpecMismatchError
+from permgraph.examples.digits import batches, evaluator, load_digits, make_mlp
 from permgraph.match import MatchError
 from permgraph.match.gradient import GradientMatchingHistory, gradient_matching, gradient_objective, loss_directions
 

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 import permgraph
-from permgraph.examples.digits import Digits, load_digits, make_mlp, train
 from permgraph.errors import PermutationError, SpecMismatchError
+from permgraph.examples.digits import Digits, load_digits, make_mlp, train
 from permgraph.match._common import MatchError
 from permgraph.match.many import MergeManyResult, cycle_consistent_maps, cycle_error, merge_many, pairwise_maps
 from permgraph.match.weight import weight_matching

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import permgraph
-from permgraph.trace import tensors_in
+from permgraph.tracing import tensors_in
 
 a, b, c = torch.randn(2), torch.randn(3), torch.randn(4)
 
