@@ -37,9 +37,17 @@ def module_path(node: torch.fx.Node) -> str:
     return str(path)
 
 
+def _dim(s: Any) -> int | str:
+    """A dim's size, or its symbol (``"u0"``) where it depends on the data."""
+    try:
+        return int(s)
+    except Exception:  # noqa: BLE001 - an unbacked symbol has no value to read
+        return str(s)
+
+
 def _shape(val: Any) -> Any:
     if isinstance(val, torch.Tensor):
-        return tuple(int(s) for s in val.shape)
+        return tuple(s if isinstance(s, int) else _dim(s) for s in val.shape)
     if isinstance(val, (list, tuple)):
         return tuple(_shape(v) for v in val)
     return None

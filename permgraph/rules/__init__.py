@@ -150,9 +150,25 @@ class TensorValue:
         return [self.axis(d) for d in range(self.ndim)]
 
 
+def dim_size(s: Any) -> int:
+    """The size of one dim. A data-dependent size (the rows ``nonzero`` returns, a symbol
+    ``u0`` of the exported graph) gets a stand-in far larger than any real axis, the same
+    for the same expression: ties between such dims stay consistent, and a tie of one with a
+    real axis is a size conflict (blocked)."""
+    if isinstance(s, int):
+        return s
+    try:
+        return int(s)
+    except Exception:  # noqa: BLE001 - an unbacked symbol has no value to read
+        expr = s.node.expr
+        stand_in = {sym: (1 << 40) + 104729 * (int(str(sym)[1:]) if str(sym)[1:].isdigit() else 0)
+                    for sym in sorted(expr.free_symbols, key=str)}
+        return int(expr.subs(stand_in))
+
+
 def _as_value(obj: Any, index: int | None, node_name: str) -> TensorValue | None:
     if isinstance(obj, torch.Tensor):
-        return TensorValue((node_name, index), tuple(int(s) for s in obj.shape))
+        return TensorValue((node_name, index), tuple(dim_size(s) for s in obj.shape))
     return None
 
 
@@ -160,7 +176,7 @@ def values_of(node: torch.fx.Node) -> list[TensorValue]:
     """The tensor values a node produces (one, several for tuple outputs, or none)."""
     val = node.meta.get("val")
     if isinstance(val, torch.Tensor):
-        return [TensorValue((node.name, None), tuple(int(s) for s in val.shape))]
+        return [TensorValue((node.name, None), tuple(dim_size(s) for s in val.shape))]
     if isinstance(val, (list, tuple)):
         out = []
         for i, v in enumerate(val):
@@ -176,7 +192,7 @@ def value_of_arg(arg: Any) -> TensorValue | None:
     if isinstance(arg, torch.fx.Node):
         val = arg.meta.get("val")
         if isinstance(val, torch.Tensor):
-            return TensorValue((arg.name, None), tuple(int(s) for s in val.shape))
+            return TensorValue((arg.name, None), tuple(dim_size(s) for s in val.shape))
     return None
 
 
@@ -359,5 +375,6 @@ from permgraph.rules import (  # noqa: E402,F401
     misc,
     norm,
     reduce,
+    routing,
     shape,
 )

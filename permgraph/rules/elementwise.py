@@ -27,7 +27,7 @@ _ELEMENTWISE = (
     "aten.log_sigmoid", "aten.log_sigmoid_forward", "aten.clamp", "aten.clamp_min",
     "aten.clamp_max", "aten.clone", "aten.contiguous",
     "aten.detach", "aten.alias", "aten.lift_fresh_copy", "aten._to_copy", "aten.to",
-    "aten.type_as", "aten._to_dim_order_copy", "aten.copy", "aten.masked_fill",
+    "aten._to_dim_order_copy", "aten.copy", "aten.masked_fill",
     "aten.where", "aten.nan_to_num", "aten.lerp", "aten.addcmul", "aten.addcdiv",
     "aten.pow", "aten.float_power", "aten.square", "aten.positive", "aten.__and__", "aten.__or__",
     "aten.__xor__", "aten.__invert__", "aten.logical_not", "aten.min.other", "aten.max.other",
@@ -52,6 +52,15 @@ def _pointwise(op: OpCall) -> Iterator[Constraint]:
                 yield from (Free(a) for a in x.axes if a.size == 1)
             continue
         yield from broadcast(ins, out, f"element-wise {op.name.split('.')[1]}")
+
+
+@rule("aten.type_as")
+def _type_as(op: OpCall) -> Iterator[Constraint]:
+    """``self`` cast to the dtype of ``other``, which is read for its dtype only."""
+    x, other = op.tensor("self"), op.tensor("other")
+    yield from tie_all(x, op.out, "element-wise type_as")
+    if other is not None and other.value != x.value:
+        yield from (Free(a) for a in other.axes)
 
 
 @rule("aten.prelu")

@@ -315,7 +315,7 @@ def _index_write(op: OpCall) -> Iterator[Constraint]:
             continue
         for d in range(t.ndim):
             if d == dim:
-                yield Block(t.axis(d), f"{why}: positions along dim {d} are picked by index", True)
+                yield Block(t.axis(d), f"{why}: positions along dim {d} are picked by index")
             else:
                 yield Tie(t.axis(d), out.axis(d), f"{why}: other dims")
     if out.ndim:
