@@ -1,0 +1,194 @@
+"""Mixture-of-experts: routing ops have rules, the experts' hidden units are groups, sound.
+
+Hand-written MoE modules (a router, top-k, experts as separate modules, three ways to send
+tokens to experts and back) and tiny Hugging Face MoE families with random init, checked by
+the oracle in float64 with three random permutations. The Hugging Face routers take their
+softmax in float32 (``softmax(..., dtype=torch.float)``), so a permutation of the residual
+stream, which reorders the router's dot products, shows as float32 rounding (~1e-6) even in
+a float64 model; a wrong group shows as an error of order one.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import permgraph
+from permgraph import VerificationError
+from permgraph.spec import Layout, Member
+
+
+class ToyMoE(nn.Module):
+    """Router Linear -> softmax -> top-k; experts are Linear-ReLU-Linear modules."""
+
+    def __init__(self, dispatch: str, d: int = 16, hidden: int = 24, experts: int = 4, k: int = 2) -> None:
+        super().__init__()
+        self.dispatch, self.k, self.n = dispatch, k, experts
+        self.inp = nn.Linear(d, d)
+        self.router = nn.Linear(d, experts, bias=False)
+        self.experts = nn.ModuleList(
+            nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, d)) for _ in range(experts)
+        )
+        self.out = nn.Linear(d, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        w, idx = self.router(h).softmax(-1).topk(self.k, dim=-1)
+        w = w / w.sum(-1, keepdim=True)
+        y = torch.zeros_like(h)
+        if self.dispatch == "index_add":  # sparse: each expert runs on its tokens only
+            for e, expert in enumerate(self.experts):
+                tok, slot = torch.where(idx == e)
+                y = y.index_add(0, tok, expert(h[tok]) * w[tok, slot, None])
+        else:  # dense: every expert runs on every token, weighted by its routing score
+            if self.dispatch == "scatter":
+                scores = torch.zeros(h.shape[0], self.n, dtype=h.dtype).scatter(1, idx, w)
+            else:  # one_hot
+                scores = (F.one_hot(idx, self.n).to(h.dtype) * w[..., None]).sum(1)
+            for e, expert in enumerate(self.experts):
+                y = y + scores[:, e : e + 1] * expert(h)
+        return self.out(h + y)
+
+
+def _sound(spec, model, inputs) -> list[float]:
+    return [spec.verify(model, inputs, generator=torch.Generator().manual_seed(s)) for s in range(3)]
+
+
+@pytest.mark.parametrize("dispatch", ["index_add", "scatter", "one_hot"])
+def test_toy_moe_gets_one_group_per_expert(dispatch: str) -> None:
+    torch.manual_seed(0)
+    model = ToyMoE(dispatch).double()
+    x = torch.randn(10, 16, dtype=torch.float64)
+    spec = permgraph.infer(model, x)
+    for e in range(4):  # each expert's hidden units are a group of their own
+        g = next(g for g in spec.groups if any(m.key == f"experts.{e}.0.weight" and m.axis == 0 for m in g.members))
+        assert g.size == 24
+        assert {(m.key, m.axis) for m in g.members} == {
+            (f"experts.{e}.0.weight", 0), (f"experts.{e}.0.bias", 0), (f"experts.{e}.2.weight", 1)}
+    # the stream: inp's outputs, read by the router and every expert, written back by each
+    stream = next(g for g in spec.groups if any(m.key == "inp.weight" for m in g.members))
+    assert {(m.key, m.axis) for m in stream.members} >= {("router.weight", 1), ("experts.3.2.weight", 0)}
+    assert len(spec.groups) == 5
+    # the router's rows are the experts' order: fixed, and its top-k is the one op reported
+    assert not any(m.key == "router.weight" and m.axis == 0 for g in spec.groups for m in g.members)
+    assert [u.op for u in spec.unsupported] == ["aten.topk.default"]
+    assert max(_sound(spec, model, x)) < 1e-12
+
+
+def test_moving_an_expert_without_its_router_row_is_caught() -> None:
+    """The oracle sees a wrong expert group: swapping experts 0 and 1 (all their weights)
+    without the router's rows changes the outputs."""
+    torch.manual_seed(0)
+    model = ToyMoE("index_add").double()
+    x = torch.randn(10, 16, dtype=torch.float64)
+    sd = model.state_dict()
+    swapped = dict(sd)
+    for k in sd:
+        if k.startswith("experts.0."):
+            swapped[k], swapped["experts.1." + k[len("experts.0."):]] = sd["experts.1." + k[len("experts.0."):]], sd[k]
+    ref = model(x)
+    model.load_state_dict(swapped)
+    assert (model(x) - ref).abs().max() > 1e-3
+
+
+class GroupedExperts(nn.Module):
+    """Stacked expert weights applied with ``torch._grouped_mm`` to tokens sorted by expert."""
+
+    def __init__(self, d: int = 8, hidden: int = 16, experts: int = 3) -> None:
+        super().__init__()
+        self.inp, self.out = nn.Linear(d, d), nn.Linear(d, 2)
+        self.router = nn.Linear(d, experts, bias=False)
+        self.up = nn.Parameter(torch.randn(experts, d, hidden) / d**0.5)
+        self.down = nn.Parameter(torch.randn(experts, hidden, d) / hidden**0.5)
+        self.n = experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        ids = self.router(h).argmax(-1)
+        ids_sorted, order = ids.sort()
+        offs = torch.cumsum(torch.histc(ids_sorted.float(), bins=self.n, min=0, max=self.n - 1), 0).int()
+        z = torch._grouped_mm(torch.relu(torch._grouped_mm(h[order], self.up, offs=offs)), self.down, offs=offs)
+        back = torch.empty_like(order).index_put((order,), torch.arange(order.shape[0]))
+        return self.out(h + z[back])
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch._grouped_mm is not in this torch")
+def test_grouped_mm_ties_the_contracted_and_output_units() -> None:
+    torch.manual_seed(0)
+    model = GroupedExperts().bfloat16()  # the kernel (and its export) takes bfloat16
+    x = torch.randn(9, 8).bfloat16()
+    spec = permgraph.infer(model, x)
+    hidden = next(g for g in spec.groups if ("up", 2) in {(m.key, m.axis) for m in g.members})
+    assert hidden.size == 16 and {(m.key, m.axis) for m in hidden.members} == {("up", 2), ("down", 1)}
+    stream = next(g for g in spec.groups if ("up", 1) in {(m.key, m.axis) for m in g.members})
+    assert {("down", 2), ("inp.weight", 0), ("router.weight", 1)} <= {(m.key, m.axis) for m in stream.members}
+    assert not any(m.axis == 0 and m.key in ("up", "down") for g in spec.groups for m in g.members)
+    assert not any("no rule" in u.reason for u in spec.unsupported)
+    assert {u.op for u in spec.unsupported} == {"aten.sort.default"}
+    # bfloat16 rounding of reordered sums is ~1e-2; a wrong group is an error of order one
+    errs = [spec.verify(model, x, rtol=0.1, generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    assert max(errs) < 0.1
+
+
+_COMMON = dict(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+               num_key_value_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+# family -> (config class, model class, MoE settings, groups reached; 4 before the routing rules)
+_FAMILIES = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2), 7),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, shared_expert_intermediate_size=24,
+        decoder_sparse_step=1), 9),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, decoder_sparse_step=1, head_dim=8), 7),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2), 7),
+    "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2), 7),
+}
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("family", list(_FAMILIES))
+def test_hf_moe_experts_hidden_units_are_groups(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    transformers = pytest.importorskip("transformers")
+    moe = pytest.importorskip("transformers.integrations.moe")
+    # run the experts eagerly with the loop export traces (the native kernel has no float64)
+    monkeypatch.setattr(moe, "_can_use_grouped_mm", lambda *a, **k: False)
+    cfg_cls, model_cls, kw, floor = _FAMILIES[family]
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**_COMMON, **kw)).double().eval()
+    ids = {"input_ids": torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0)), "use_cache": False}
+    spec = permgraph.infer(model, ids)
+    members = {(m.key, m.axis): g for g in spec.groups for m in g.members}
+    stacked = [k for k, v in model.state_dict().items() if v.ndim == 3 and k.endswith("down_proj")]
+    assert len(stacked) == 2  # one stacked expert layer per decoder layer
+    for key in stacked:  # each expert layer's hidden units: one group, shared by its experts
+        g = members[(key, 2)]
+        assert g.size == model.state_dict()[key].shape[2]
+        assert any(m.key.endswith(("gate_up_proj", "up_proj")) for m in g.members)
+        assert (key, 0) not in members  # the experts' order is the router's: fixed
+    assert len(spec.groups) >= floor
+    # what is still reported: each layer's top-k and sort (their indices name positions)
+    # and the rotary frequencies (a non-persistent buffer); no op without a rule
+    ops = collections.Counter(u.op for u in spec.unsupported)
+    assert ops == {"aten.topk.default": 2, "aten.sort.default": 2, "placeholder": 1}, spec.unsupported
+    assert max(_sound(spec, model, ids)) < 1e-4
+
+
+def test_hf_moe_expert_axis_is_not_a_symmetry_alone() -> None:
+    """Negative control on stacked weights: permuting the experts of one layer (their
+    weights' axis 0) without the router's rows is caught by the oracle."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg_cls, model_cls, kw, _ = _FAMILIES["mixtral"]
+    model = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**_COMMON, **kw)).eval()
+    ids = {"input_ids": torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0)), "use_cache": False}
+    spec = permgraph.infer(model, ids)
+    keys = [k for k, v in model.state_dict().items() if v.ndim == 3 and k.startswith("model.layers.0.")]
+    fake = permgraph.Group("experts", 4, tuple(Member(k, 0, Layout()) for k in keys))
+    wrong = dataclasses.replace(spec, groups=(fake,))
+    with pytest.raises(VerificationError):
+        wrong.verify(model, ids, generator=torch.Generator().manual_seed(0))
