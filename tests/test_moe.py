@@ -192,3 +192,37 @@ def test_hf_moe_expert_axis_is_not_a_symmetry_alone() -> None:
     wrong = dataclasses.replace(spec, groups=(fake,))
     with pytest.raises(VerificationError):
         wrong.verify(model, ids, generator=torch.Generator().manual_seed(0))
+
+
+class Masked(nn.Module):
+    """Boolean masks index as many dims as they have: over (batch, token) the features stay
+    free; a fixed mask over (token, feature) pins the features."""
+
+    def __init__(self, over_features: bool) -> None:
+        super().__init__()
+        self.over_features = over_features
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.register_buffer("mask", torch.rand(5, 6, generator=torch.Generator().manual_seed(0)) > 0.5, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)  # [2, 5, 6]
+        if self.over_features:  # index_put and index with a [5, 6] mask on dims 1 and 2
+            h2 = h.clone()
+            h2[:, self.mask] = 0.0
+            return self.b(h2).sum() + h[:, self.mask].sum()
+        m = x[..., 0] > 0  # a [2, 5] mask on dims 0 and 1
+        h2 = h.clone()
+        h2[m] = 0.0
+        return self.b(h2).sum() + self.b(h[m]).sum()
+
+
+@pytest.mark.parametrize("over_features", [False, True])
+def test_boolean_masks_index_all_their_dims(over_features: bool) -> None:
+    torch.manual_seed(0)
+    model = Masked(over_features).double()
+    x = torch.randn(2, 5, 4, dtype=torch.float64)
+    spec = permgraph.infer(model, x)
+    features = [g for g in spec.groups if any(m.key == "a.weight" and m.axis == 0 for m in g.members)]
+    assert len(features) == (0 if over_features else 1)
+    assert not spec.unsupported
+    assert max(_sound(spec, model, x)) < 1e-12

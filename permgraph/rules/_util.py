@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
 
 from permgraph.rules import Axis, Block, Constraint, Free, Prod, TensorValue, Tie
 
@@ -71,3 +74,9 @@ def norm_dim(d: int, ndim: int) -> int:
 
 def axes_of(v: TensorValue | None) -> list[Axis]:
     return [] if v is None else v.axes
+
+
+def is_mask(node: Any) -> bool:
+    """Whether an index argument is a boolean (or uint8) mask: it indexes as many dims as it has."""
+    val = getattr(node, "meta", {}).get("val")
+    return isinstance(val, torch.Tensor) and val.dtype in (torch.bool, torch.uint8)

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from permgraph.rules import Block, Constraint, Free, OpCall, Tie, rule
-from permgraph.rules._util import block_all, norm_dim
+from permgraph.rules import Block, Constraint, Free, OpCall, Tie, rule, value_of_arg
+from permgraph.rules._util import block_all, is_mask, norm_dim
 
 
 @rule("aten.histc")
@@ -101,12 +101,21 @@ def _index_put(op: OpCall) -> Iterator[Constraint]:
     output element by element (``values`` broadcasts from the right)."""
     x, vals, out = op.tensor("self"), op.tensor("values"), op.out
     idx = list(op.args["indices"])
-    used = [d for d, i in enumerate(idx) if i is not None]
     index_values = [t for t in op.tensors("indices") if t is not None]
     yield from block_all(index_values, "index_put: index tensor")
-    contiguous = bool(used) and used == list(range(used[0], used[-1] + 1)) and len(index_values) == len(used)
-    shapes = {t.shape for t in index_values}
-    if not contiguous or len(shapes) != 1 or x.shape != out.shape:
+    # a boolean mask indexes as many dims as it has (its true positions, in row-major order)
+    masks = [i is not None and is_mask(i) for i in idx]
+    used: list[int] = []
+    d = 0
+    for i, entry in enumerate(idx):
+        width = value_of_arg(entry).ndim if masks[i] else 1
+        if entry is not None:
+            used.extend(range(d, d + width))
+        d += width
+    entries = [i for i in idx if i is not None]
+    contiguous = bool(used) and used == list(range(used[0], used[-1] + 1)) and len(index_values) == len(entries)
+    shapes = {(None,) if is_mask(i) else value_of_arg(i).shape for i in entries}
+    if not contiguous or len(shapes) != 1 or x.shape != out.shape or (any(masks) and len(index_values) != 1):
         yield from block_all([x, vals, out], "index_put: non-contiguous or broadcast advanced indexing", True)
         return
     (ishape,) = shapes

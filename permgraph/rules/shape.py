@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from permgraph.rules import Block, Cat, Constraint, Free, Fresh, OpCall, Prod, Tie, rule
-from permgraph.rules._util import norm_dim, reshape, tie_except
+from permgraph.rules import Block, Cat, Constraint, Free, Fresh, OpCall, Prod, Tie, rule, value_of_arg
+from permgraph.rules._util import is_mask, norm_dim, reshape, tie_except
 
 
 @rule(
@@ -276,7 +276,11 @@ def _index(op: OpCall) -> Iterator[Constraint]:
     dims before and after a contiguous run of indexed dims keep their place and tie."""
     x, out = op.tensor("self"), op.out
     idx = list(op.args["indices"])
-    used = [d for d, i in enumerate(idx) if i is not None]
+    used, d = [], 0  # a boolean mask of k dims indexes k dims
+    for i in idx:
+        width = value_of_arg(i).ndim if i is not None and is_mask(i) else 1
+        used.extend(range(d, d + width) if i is not None else ())
+        d += width
     index_values = [t for t in op.tensors("indices") if t is not None]
     for t in index_values:
         yield from (Block(a, "index: index tensor") for a in t.axes)
