@@ -16,9 +16,11 @@ from typing import Any
 
 import torch
 
-from permgraph.errors import TraceError, UnsupportedOpError
+from permgraph.errors import InferArgumentError, TraceError, UnsupportedOpError
 from permgraph.graph import build_graph, module_path
 from permgraph.islands import infer_islands
+from permgraph.heads import HEAD_MODES, find_splits, occurrences, split_layouts
+from permgraph.naming import group_names
 from permgraph.rules import (
     Axis,
     Block,
@@ -274,19 +276,14 @@ def _occurrences(t: Leaf | Tree, offset: int, scale: int, repeats: tuple[tuple[i
         _occurrences(p, offset, scale * right, reps, out, above)
 
 
-def _base_name(key: str) -> str:
-    for suffix in (".weight", ".bias", ".running_mean", ".running_var", ".in_proj_weight", ".in_proj_bias"):
-        if key.endswith(suffix):
-            return key[: -len(suffix)]
-    return key
-
-
-def _build_spec(traced: Traced, s: _Solver, unsupported: list[Unsupported]) -> tuple[PermSpec, dict[int, str]]:
+def _build_spec(traced: Traced, s: _Solver, unsupported: list[Unsupported],
+                heads: str = "shared") -> tuple[PermSpec, dict[Any, str], dict[int, int]]:
     order = {k: i for i, k in enumerate(traced.state_shapes)}
-    found: dict[int, list[Member]] = {}
-    parents: dict[int, set[int]] = {}
+    found: dict[Any, list[Member]] = {}
+    parents: dict[Any, set[int]] = {}
     nodes = {n.name: n for n in traced.graph_module.graph.nodes}
     done: set[str] = set()
+    carried: dict[int, list] = {}  # root -> [(keys, axis, tree)] of the parameters holding it
     for ph, keys in traced.params.items():
         val = value_of_arg(nodes[ph])
         if val is None or done.issuperset(keys):
@@ -294,36 +291,62 @@ def _build_spec(traced: Traced, s: _Solver, unsupported: list[Unsupported]) -> t
         done.update(keys)
         for a in val.axes:
             occ: list = []
-            _occurrences(s.u.tree(s.var(a)), 0, 1, (), occ)
+            tree = s.u.tree(s.var(a))
+            _occurrences(tree, 0, 1, (), occ)
             for root, layout, above in occ:
                 parents.setdefault(root, set()).update(above)
+                carried.setdefault(root, []).append((keys, a.dim, tree))
                 for key in keys:
                     found.setdefault(root, []).append(Member(key, a.dim, layout))
+    splits: dict[int, int] = {}
+    if heads == "independent":
+        within = {r: v for r, v in carried.items() if any(m.layout.repeats for m in found[r])}
+        for r, index in find_splits(traced, s, within).items():
+            per_head: dict[tuple[int, int], list[Member]] = {}
+            for keys, dim, tree in dict.fromkeys((tuple(k), d, t) for k, d, t in carried[r]):
+                for o in occurrences(tree, r):
+                    lays = split_layouts(o, index)
+                    if lays is None:  # a parameter whose heads are no layout: keep it shared
+                        per_head = {}
+                        break
+                    for i, lay in enumerate(lays):
+                        per_head.setdefault((r, i), []).extend(Member(key, dim, lay) for key in keys)
+                else:
+                    continue
+                break
+            if per_head:
+                splits[r] = index
+                found.update(per_head)
+                for k in per_head:
+                    parents[k] = parents.get(r, set()) | {index}
+                del found[r]
     ranked = []
     for root, members in found.items():
         members.sort(key=lambda m: (order.get(m.key, 1 << 30), m.axis, m.layout.offset))
-        ranked.append((order.get(members[0].key, 1 << 30), members[0].axis, members[0].layout.offset, root, members))
-    ranked.sort(key=lambda r: r[:3])
+        # a head's own units come after the groups that move whole heads (see permgraph.heads)
+        ranked.append((order.get(members[0].key, 1 << 30), members[0].axis, members[0].layout.offset,
+                       isinstance(root, tuple), root, members))
+    ranked.sort(key=lambda r: r[:4])
     groups: list[Group] = []
-    roots: dict[int, str] = {}
-    used: dict[str, int] = {}
+    roots: dict[Any, str] = {}
+    names = group_names(traced, s, [(root, members) for *_, root, members in ranked], splits)
     for *_, root, members in ranked:
-        base = _base_name(members[0].key)
-        used[base] = used.get(base, 0) + 1
-        name = base if used[base] == 1 else f"{base}#{used[base]}"
+        r = root[0] if isinstance(root, tuple) else root
         # a part of a refined axis (heads, groups of a grouped conv) was tied through it
-        whys = list(s.u.why(root))
+        whys = list(s.u.why(r))
         for p in sorted(parents.get(root, ())):
             whys += s.u.why(p)
         why = tuple(dict.fromkeys(whys))
-        groups.append(Group(name, s.u.size(root), tuple(members), why))
-        roots[root] = name
-    return PermSpec(tuple(groups), tuple(unsupported), dict(traced.state_shapes)), roots
+        groups.append(Group(names[root], s.u.size(r), tuple(members), why))
+        roots[root] = names[root]
+    return PermSpec(tuple(groups), tuple(unsupported), dict(traced.state_shapes)), roots, splits
 
 
-def _annotate(graph, traced: Traced, s: _Solver, roots: dict[int, str]) -> None:
+def _annotate(graph, traced: Traced, s: _Solver, roots: dict[Any, str], splits: dict[int, int]) -> None:
     """Write each node's ``groups`` (per output dim, the names of the groups that permute it)
-    and ``layouts`` (per output dim, ``(group name, Layout)`` pairs)."""
+    and ``layouts`` (per output dim, ``(group name, Layout)`` pairs). A per-head group has
+    layouts where its head is an outer factor of the dim (``[..., H*D]``), none where the
+    head is a dim of its own (no layout of one dim says where a head's units are)."""
     for node in traced.graph_module.graph.nodes:
         names, layouts = [], []
         for v in values_of(node):
@@ -331,7 +354,12 @@ def _annotate(graph, traced: Traced, s: _Solver, roots: dict[int, str]) -> None:
             for a in v.axes:
                 occ: list = []
                 _occurrences(s.u.tree(s.var(a)), 0, 1, (), occ)
-                dims_l.append(tuple((roots[r], lay) for r, lay, _ in occ if r in roots))
+                pairs = [(roots[r], lay) for r, lay, _ in occ if r in roots]
+                tree = s.u.tree(s.var(a))
+                for r in dict.fromkeys(r for r, _, _ in occ if r in splits):
+                    for o in occurrences(tree, r):
+                        pairs += [(roots[(r, i)], lay) for i, lay in enumerate(split_layouts(o, splits[r]) or ())]
+                dims_l.append(tuple(pairs))
                 dims_n.append(tuple(dict.fromkeys(n for n, _ in dims_l[-1])))
             names.append(tuple(dims_n))
             layouts.append(tuple(dims_l))
@@ -369,7 +397,8 @@ class Analysis:
         return self.traced.program
 
 
-def analyze(model: torch.nn.Module, example_inputs: Any = None, *, strict: bool = False) -> Analysis:
+def analyze(model: torch.nn.Module, example_inputs: Any = None, *, strict: bool = False,
+            heads: str = "shared") -> Analysis:
     """`infer`, keeping what the groups were derived from: the traced program and the graph.
 
     Args and Raises: as `infer`.
@@ -387,12 +416,14 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None, *, strict: bool 
         warnings.warn("analyze(traced) is deprecated: analyze(model, example_inputs) returns an Analysis; "
                       "block_reasons(traced) reads why axes are blocked", DeprecationWarning, stacklevel=2)
         return _run_rules(model)[:2]  # type: ignore[return-value]
+    if heads not in HEAD_MODES:
+        raise InferArgumentError(f"infer(heads={heads!r}): expected one of {', '.join(map(repr, HEAD_MODES))}")
     traced = trace(model, example_inputs)
     t0 = time.perf_counter()
     s, unsupported, conflicts = _run_rules(traced)
-    spec, roots = _build_spec(traced, s, unsupported)
+    spec, roots, splits = _build_spec(traced, s, unsupported, heads)
     graph = build_graph(traced)
-    _annotate(graph, traced, s, roots)
+    _annotate(graph, traced, s, roots, splits)
     traced.extra["rules_seconds"] = time.perf_counter() - t0
     if strict and unsupported:
         raise UnsupportedOpError(
@@ -405,7 +436,8 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None, *, strict: bool 
     return result
 
 
-def infer(model: torch.nn.Module, example_inputs: Any, *, strict: bool = False, islands: bool = True) -> PermSpec:
+def infer(model: torch.nn.Module, example_inputs: Any, *, strict: bool = False, islands: bool = True,
+          heads: str = "shared") -> PermSpec:
     """Find every group of hidden units of ``model`` that can be reordered without changing
     what it computes.
 
@@ -418,6 +450,10 @@ def infer(model: torch.nn.Module, example_inputs: Any, *, strict: bool = False, 
         islands: when ``torch.export`` cannot trace the model whole, analyse its largest
             submodules that export instead (see `permgraph.islands`; warns `IslandsWarning`);
             False raises the `TraceError`.
+        heads: ``"shared"`` (default): the units within attention heads are one group shared
+            by every head. ``"independent"``: each head's units are a group of its own
+            (``....qk.h3``) wherever every op on them is proven to act head by head, else
+            they stay shared (see "Per-head units" in the docs).
 
     Returns:
         The `PermSpec`. ``spec.analysis`` holds the `Analysis` (traced program and networkx
@@ -439,8 +475,8 @@ def infer(model: torch.nn.Module, example_inputs: Any, *, strict: bool = False, 
         True
     """
     try:
-        return analyze(model, example_inputs, strict=strict).spec
+        return analyze(model, example_inputs, strict=strict, heads=heads).spec
     except TraceError as exc:
         if not islands:
             raise
-        return infer_islands(model, example_inputs, exc, lambda m, x: infer(m, x, strict=strict, islands=False))
+        return infer_islands(model, example_inputs, exc, lambda m, x: infer(m, x, strict=strict, islands=False, heads=heads))

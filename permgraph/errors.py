@@ -11,6 +11,7 @@ __all__ = [
     "VerificationError",
     "LapError",
     "OracleArgumentError",
+    "InferArgumentError",
     "RoundingWarning",
     "MatchError",
     "SinkhornError",
@@ -66,6 +67,10 @@ class LapError(PermGraphError, ValueError):
 
 class OracleArgumentError(PermGraphError, ValueError):
     """`PermSpec.verify` was given a tolerance or a number of draws out of range."""
+
+
+class InferArgumentError(PermGraphError, ValueError):
+    """`permgraph.infer` was given an option value it does not know."""
 
 
 class RoundingWarning(UserWarning):

@@ -179,12 +179,20 @@ class PermSpec:
     def inverse(self, perm: Mapping[str, torch.Tensor]) -> Permutation:
         """The inverse permutation: ``apply(inverse(p), apply(p, sd)) == sd``."""
         self.check_permutation(perm)
+        from permgraph import nesting  # groups that do not commute (per-head units)
+
+        if nesting.is_nested(self):
+            return nesting.inverse(self, perm)
         return {k: torch.argsort(v) for k, v in perm.items()}
 
     def compose(self, first: Mapping[str, torch.Tensor], then: Mapping[str, torch.Tensor]) -> Permutation:
         """The permutation equal to applying ``first``, then ``then``."""
         self.check_permutation(first)
         self.check_permutation(then)
+        from permgraph import nesting  # groups that do not commute (per-head units)
+
+        if nesting.is_nested(self):
+            return nesting.compose(self, first, then)
         return {k: first[k][then[k].to(first[k].device)] for k in first}
 
     def check_permutation(self, perm: Mapping[str, torch.Tensor]) -> None:
@@ -290,7 +298,8 @@ class PermSpec:
     def lint(self) -> None:
         """Check the structure: names unique, members in range and of one size per group,
         no member twice, and the groups acting on one axis commute (they permute disjoint
-        segments or independent factors).
+        segments or independent factors) or nest, outer groups first (whole heads, then the
+        units inside each head: see `permgraph.nesting`).
 
         Raises:
             SpecMismatchError: listing every problem found.
@@ -332,8 +341,9 @@ class PermSpec:
                 n = self.shapes[key][axis]
                 parts = [(m.layout.positions(g.size), perms[g.name]) for g, m in ms]
                 forward, backward = compose_index(n, parts), compose_index(n, parts[::-1])
-                if not torch.equal(forward, backward) or forward.unique().numel() != n:
-                    problems.append(f"groups {[g.name for g, _ in ms]} do not commute on {key}[{axis}]")
+                if forward.unique().numel() != n or (not torch.equal(forward, backward) and _not_nested(self, key, axis)):
+                    problems.append(f"groups {[g.name for g, _ in ms]} neither commute nor nest (outer groups "
+                                    f"first) on {key}[{axis}]")
         if problems:
             raise SpecMismatchError("lint found problems:\n  " + "\n  ".join(problems))
 
@@ -439,6 +449,12 @@ class PermSpec:
 def _pair(r: Any) -> tuple[int, int]:
     count, stride = r  # ValueError / TypeError unless a pair
     return int(count), int(stride)
+
+
+def _not_nested(spec: PermSpec, key: str, axis: int) -> bool:
+    from permgraph import nesting
+
+    return nesting.order_problem(spec, key, axis, [])
 
 
 def _describe(x: Any) -> str:
