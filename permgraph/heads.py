@@ -239,7 +239,7 @@ def _reduced_dims(node: torch.fx.Node, ndim: int) -> set[int] | None:
         return None
 
 
-def _op_per_head(node: torch.fx.Node, vals: _Values, r: int, index: int, tensors: list) -> bool:
+def _op_per_head(node: torch.fx.Node, vals: _Values, r: int, index: int) -> bool:
     """Does this call act head by head on the values carrying ``r``? (See the module docstring.)"""
     pkt = _packet(node)
     if node.target is operator.getitem or pkt in _VIEWS or pkt in _PRODUCTS or _pointwise(node):
@@ -261,7 +261,7 @@ def find_splits(traced, s, groups: dict[int, list]) -> dict[int, int]:
     it), the head variable it splits along, where the proof holds."""
     vals = _Values(s)
     nodes = list(traced.graph_module.graph.nodes)
-    carriers: dict[int, list] = {r: [] for r in groups}  # r -> [(node, value, is_param)]
+    carriers: dict[int, list] = {r: [] for r in groups}  # r -> [(node, value)]
     for node in nodes:
         for tv in values_of(node):
             for r in carriers:
@@ -283,13 +283,13 @@ def find_splits(traced, s, groups: dict[int, list]) -> dict[int, int]:
         index = max(cands, key=lambda c: (s.u.size(c), -c))
         if s.u.size(index) < 2:
             continue
-        if all(_carrier_ok(node, tv, vals, r, index, nodes) for node, tv in found) and \
+        if all(_carrier_ok(node, tv, vals, r, index) for node, tv in found) and \
                 all(_consumers_ok(node, vals, r, index) for node, _ in found):
             out[r] = index
     return out
 
 
-def _carrier_ok(node, tv, vals: _Values, r: int, index: int, nodes) -> bool:
+def _carrier_ok(node, tv, vals: _Values, r: int, index: int) -> bool:
     w = vals.where(tv, r, index)
     if not isinstance(w, tuple):
         return False
@@ -297,7 +297,7 @@ def _carrier_ok(node, tv, vals: _Values, r: int, index: int, nodes) -> bool:
         return w[1] is None
     if node.op != "call_function":
         return False
-    return _op_per_head(node, vals, r, index, [])
+    return _op_per_head(node, vals, r, index)
 
 
 def _consumers_ok(node, vals: _Values, r: int, index: int) -> bool:
@@ -305,6 +305,6 @@ def _consumers_ok(node, vals: _Values, r: int, index: int) -> bool:
     for user in node.users:
         if user.op != "call_function":
             return False
-        if not _op_per_head(user, vals, r, index, []):
+        if not _op_per_head(user, vals, r, index):
             return False
     return True

@@ -1,20 +1,23 @@
 """Group names: the module that produces the units, plus a role where one module yields several.
 
-A plain group is named after the module of its first member (``layer1.0.conv1``). Groups
-that are factors of one refined axis (``E = H x D``: heads and the units within each head)
-form a *family*; they are named after the common module of the family's producers (the
-parameters whose axis the units come out of, not the ones that sum them away) with a role
-read off the structure:
+A plain group is named after the module of its first member in state_dict order
+(``layer1.0.conv1``). Groups that are factors of one refined axis (``E = H x D``: heads and
+the units within each head) form a *family*, and each gets a role read off the structure:
 
-* ``heads``: the outer factor (whole heads move); ``subheads`` a factor between two others
-  (with grouped-query attention: the query heads sharing one key/value head);
-* ``qk``: within-head units that two activations sum together (queries against keys);
+* ``heads``: the outer factor (whole heads move); ``subheads``: a factor between two others
+  (with grouped-query attention, the query heads that share one key/value head);
+* ``qk``: within-head units that a product of two activations sums away (queries against
+  keys);
 * ``v``: within-head units that a product of activations carries to its output (values);
-* ``blocks`` / ``units``: outer and inner factors of a family no such product reads (the
-  groups of a grouped convolution).
+* ``blocks`` / ``units``: outer and inner factors of a family that no such product reads
+  (the groups of a grouped convolution).
 
-A per-head group adds ``.h<i>``, ``i`` the head's position. A name that would still repeat
-gets ``#k`` (in spec order).
+An attention's family is named after the module its products run in (read off the graph's
+module stack: the module that calls ``scaled_dot_product_attention`` or ``q @ kᵀ``); another
+family after the common module of a group's members and its siblings, or after its first
+member's module when they share none. So names do not depend on the order in which
+modules were registered. A per-head group adds ``.h<i>``, ``i`` the head's position along
+the head axis. A name that would still repeat gets ``#k`` (in spec order).
 """
 
 from __future__ import annotations
@@ -119,7 +122,7 @@ def group_names(traced, s, ranked: list[tuple[Any, list]], splits: dict[int, int
 
     position: dict[int, set[str]] = {}
     trees: list[set[int]] = []  # the groups within one parameter axis's products
-    for ph, keys in traced.params.items():
+    for ph in traced.params:
         val = value_of_arg(nodes[ph])
         if val is None:
             continue
@@ -173,7 +176,7 @@ def group_names(traced, s, ranked: list[tuple[Any, list]], splits: dict[int, int
         module = _common(sorted(around[r])) if pos else ""
         if pos and find(r) in attention:  # the module that runs the attention
             module = _common(sorted(where[r] if r in where else ran.get(find(r), ()))) or module
-        if not pos or not module:
+        if not pos:
             name = base_name(members[0].key)
         else:
             attn = find(r) in attention
@@ -183,7 +186,9 @@ def group_names(traced, s, ranked: list[tuple[Any, list]], splits: dict[int, int
                 role = "subheads" if attn else "blocks"
             else:
                 role = roles.get(r, "units") if attn else "units"
-            name = f"{module}.{role}"
+            if not module and not (attn and not ran.get(find(r)) - {""}):
+                module = base_name(members[0].key)  # no module in common: the first member's
+            name = f"{module}.{role}" if module else role
         if isinstance(root, tuple):
             name += f".h{root[1]}"
         used[name] = used.get(name, 0) + 1

@@ -87,7 +87,7 @@ def _rebuild(spec, totals: Mapping[tuple[str, int], torch.Tensor], what: str) ->
 
     axes = _by_axis(spec)
     out: dict[str, torch.Tensor] = {}
-    for gi, g in enumerate(spec.groups):
+    for g in spec.groups:
         if g.name in out:
             continue
         key, axis = g.members[0].key, g.members[0].axis
@@ -120,7 +120,7 @@ def compose(spec, first: Mapping[str, torch.Tensor], then: Mapping[str, torch.Te
     return _rebuild(spec, _totals(spec, total), "compose")
 
 
-def order_problem(spec, key: str, axis: int, names: list[str]) -> bool:
+def order_problem(spec, key: str, axis: int) -> bool:
     """Whether the groups on ``key[axis]`` fail to be nested (for `PermSpec.lint`)."""
     parts = _by_axis(spec)[(key, axis)]
     gen = torch.Generator().manual_seed(1)

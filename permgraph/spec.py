@@ -51,7 +51,9 @@ class Group:
     """A set of units that can be reordered together without changing the function.
 
     Attributes:
-        name: readable name, after the module that produces the units.
+        name: readable name, after the module that produces the units, with a role where
+            one module yields several groups (``attn.heads``, ``attn.qk``, ``attn.v``;
+            ``attn.qk.h3`` for one head's units).
         size: number of units.
         members: the tensor axes it permutes.
         why: the ties that joined it, as ``"rule: reason @ module"`` strings.
@@ -454,7 +456,7 @@ def _pair(r: Any) -> tuple[int, int]:
 def _not_nested(spec: PermSpec, key: str, axis: int) -> bool:
     from permgraph import nesting
 
-    return nesting.order_problem(spec, key, axis, [])
+    return nesting.order_problem(spec, key, axis)
 
 
 def _describe(x: Any) -> str:
