@@ -18,8 +18,8 @@ import torch
 
 from permgraph.errors import InferArgumentError, TraceError, UnsupportedOpError
 from permgraph.graph import build_graph, module_path
-from permgraph.islands import infer_islands
 from permgraph.heads import HEAD_MODES, find_splits, occurrences, split_layouts
+from permgraph.islands import infer_islands
 from permgraph.naming import group_names
 from permgraph.rules import (
     Axis,

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
+from permgraph.layout import Layout
 from permgraph.rules import bind_args, op_name, value_of_arg, values_of
-from permgraph.spec import Layout
 from permgraph.unify import Leaf, Tree
 
 __all__ = ["HEAD_MODES", "Occurrence", "occurrences", "split_layouts", "find_splits"]
