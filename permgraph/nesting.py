@@ -109,7 +109,8 @@ def inverse(spec, perm: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     def total(key, axis):
         return torch.argsort(spec.axis_index(key, axis, perm))
 
-    return _rebuild(spec, _totals(spec, total), "inverse")
+    out = _rebuild(spec, _totals(spec, total), "inverse")
+    return {k: v.to(perm[k].device) for k, v in out.items()}
 
 
 def compose(spec, first: Mapping[str, torch.Tensor], then: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -117,7 +118,8 @@ def compose(spec, first: Mapping[str, torch.Tensor], then: Mapping[str, torch.Te
     def total(key, axis):
         return spec.axis_index(key, axis, first)[spec.axis_index(key, axis, then)]
 
-    return _rebuild(spec, _totals(spec, total), "compose")
+    out = _rebuild(spec, _totals(spec, total), "compose")
+    return {k: v.to(first[k].device) for k, v in out.items()}
 
 
 def order_problem(spec, key: str, axis: int) -> bool:
