@@ -14,8 +14,10 @@ while data flows through the model. Both run here, through ``torch.fx.Interprete
 
 Programs: the analysis' own program serves batches shaped like its example; other shapes
 are served by one export with a dynamic batch dimension (dim 0 of every input tensor of the
-example's batch size). Where that export fails, specialises the batch dimension, or gives a
-graph whose hooked nodes differ, the batch's shape is exported statically (once per shape).
+batch's size). Where that export fails, specialises the batch dimension, or gives a graph
+whose tensor ops are not those of the analysis' one by one (then its nodes cannot be paired
+with the analysis' soundly: Hugging Face models and ViTs compute extra tensors from symbolic
+sizes), the batch's shape is exported statically, once per shape.
 """
 
 from __future__ import annotations
@@ -124,6 +126,7 @@ class Runner:
         self._analysis: Any = None  # the model's own Analysis, made on first need
         self._dynamic: Traced | None | bool = None  # None: not tried; False: failed
         self._static: dict[tuple[Any, ...], Traced] = {}
+        self._names: dict[int, dict[str, str]] = {}  # id(program) -> analysis node name -> its node name
 
     # -- the graph of a spec ---------------------------------------------------------
     def analysis(self, spec: Any, model: torch.nn.Module, batches: Iterable[Any], inputs: Callable[[Any], Any] | None,
@@ -172,19 +175,35 @@ class Runner:
             return self._static[sig]
         if self._dynamic is None:
             self._dynamic = _export_dynamic(model, batch) or False
-        if self._dynamic and _fits(self._dynamic, leaves) and _same_nodes(self._dynamic, analysis, expect):
+        if self._dynamic and _fits(self._dynamic, leaves) and self._align(self._dynamic, analysis, expect):
             return self._dynamic
         try:
             traced = trace(model, batch)
         except PermGraphError as exc:
             raise error(f"a batch of another shape than the example inputs could not be traced: {exc}") from exc
-        if not _same_nodes(traced, analysis, expect):
+        if not _same_names(traced, analysis, expect):
             raise error(
                 "the graph traced for a batch of another shape differs from the spec's; pass batches shaped "
                 "like the example inputs, or infer the spec again on such a batch"
             )
         self._static[sig] = traced
         return traced
+
+    def _align(self, traced: Traced, analysis: Any, expect: Iterable[str]) -> bool:
+        """Find every node of ``expect`` in ``traced``. Names cannot be trusted across exports:
+        a dynamic one adds symbolic-size arithmetic (``sym_size``, ``mul`` on SymInts) whose
+        nodes shift the counter-based names. So the tensor-valued calls of both graphs are
+        paired in order, and must be the same ops throughout."""
+        expect = list(expect)
+        known = self._names.get(id(traced))
+        if known is not None and all(n in known for n in expect):
+            return True
+        mine, theirs = _tensor_calls(analysis.traced), _tensor_calls(traced)
+        if len(mine) != len(theirs) or any(str(a.target) != str(b.target) for a, b in zip(mine, theirs)):
+            return False
+        names = self._names.setdefault(id(traced), {})
+        names.update((a.name, b.name) for a, b in zip(mine, theirs))
+        return all(n in names for n in expect)
 
     # -- running -------------------------------------------------------------------------
     def flatten(self, analysis: Any, batch: Any, inputs: Callable[[Any], Any] | None,
@@ -244,6 +263,8 @@ class Runner:
             hooks: Mapping[str, Hook], error: type[PermGraphError] = MergeError) -> None:
         """Run one batch through ``model``'s architecture with the weights ``state``,
         passing each hooked node's value through its hook."""
+        names = self._names.get(id(traced), {})
+        hooks = {names.get(k, k): h for k, h in hooks.items()}
         with torch.no_grad():
             for _ in _Hooked(traced.graph_module, self._values(traced, model, state, leaves, error), hooks).steps():
                 pass
@@ -254,13 +275,14 @@ class Runner:
                  error: type[PermGraphError] = MergeError) -> None:
         """Run one batch through two models in lockstep, node by node; ``hook(name, a, b)``
         sees the values of every node in ``hooked`` (then they may be freed)."""
-        hooked = set(hooked)
+        names = self._names.get(id(traced), {})
+        back = {names.get(k, k): k for k in hooked}  # node name here -> in the analysis graph
         runs = [_Hooked(traced.graph_module, self._values(traced, m, s, leaves, error), {}).steps()
                 for m, s in zip(models, states)]
         with torch.no_grad():
             for (node, va), (_, vb) in zip(*runs):
-                if node.name in hooked:
-                    hook(node.name, va, vb)
+                if node.name in back:
+                    hook(back[node.name], va, vb)
 
 
 _END = object()
@@ -313,7 +335,9 @@ def _rename(value: Any, names: Mapping[str, str], pairs: bool) -> Any:
     return tuple(_rename(v, names, pairs) for v in value)
 
 
-def _same_nodes(traced: Traced, analysis: Any, expect: Iterable[str]) -> bool:
+def _same_names(traced: Traced, analysis: Any, expect: Iterable[str]) -> bool:
+    """Whether every node of ``expect`` is in ``traced`` under its name, with the same op (a
+    static export of another shape names its nodes as the analysis' export does)."""
     from permgraph.rules import op_name
 
     nodes = {n.name: n for n in traced.graph_module.graph.nodes}
@@ -323,6 +347,14 @@ def _same_nodes(traced: Traced, analysis: Any, expect: Iterable[str]) -> bool:
         if node is None or node.op != "call_function" or want not in (str(node.target), op_name(node.target)):
             return False
     return True
+
+
+def _tensor_calls(traced: Traced) -> list[torch.fx.Node]:
+    """The calls whose value is a tensor (or a tuple holding one), in graph order."""
+    def tensor(v: Any) -> bool:
+        return isinstance(v, torch.Tensor) or (isinstance(v, (tuple, list)) and any(isinstance(t, torch.Tensor) for t in v))
+
+    return [n for n in traced.graph_module.graph.nodes if n.op == "call_function" and tensor(n.meta.get("val"))]
 
 
 def _export_dynamic(model: torch.nn.Module, batch: Any) -> Traced | None:
