@@ -15,7 +15,7 @@ import torch
 
 from permgraph import lap as _lap
 from permgraph.match._budget import Budget, Weights, held_bytes
-from permgraph.match._common import LayoutInfo, compose_index, gather_units
+from permgraph.match._common import LayoutInfo, compose_index, gather_units, nested_positions
 from permgraph.spec import PermSpec
 
 Index = dict[int, "torch.Tensor | None"]  # axis -> gather index (None: identity)
@@ -56,33 +56,6 @@ class _Nest:
         flat = pos.reshape(*pos.shape[:-2], n_outer * n_inner, 1)
         self.lay = LayoutInfo(flat, axis_size)
         self.others = others
-
-
-def _nested_positions(pos_outer: torch.Tensor, pos_inner: torch.Tensor, axis_size: int) -> torch.Tensor | None:
-    """Where each inner unit sits inside each outer block, or None if the inner group is
-    not nested in the outer one.
-
-    Args:
-        pos_outer: outer positions ``(*counts, n, block)``.
-        pos_inner: inner positions ``(*counts', m, 1)``.
-        axis_size: the axis length.
-
-    Returns:
-        ``(*counts, n, m)`` positions: entry ``[..., i, u]`` is where inner unit ``u`` sits in
-        outer unit ``i``'s block; None unless every block holds each inner unit exactly once.
-    """
-    m = pos_inner.shape[-2]
-    if pos_inner.shape[-1] != 1 or pos_outer.shape[-1] != m or m < 2:
-        return None
-    unit = torch.full((axis_size,), -1, dtype=torch.int64)
-    unit[pos_inner.reshape(-1)] = torch.arange(m).view(m, 1).expand(pos_inner.shape).reshape(-1)
-    units = unit[pos_outer]  # (*counts, n, m): the inner unit at each block position
-    if bool((units < 0).any()):
-        return None
-    ordered, order = torch.sort(units, dim=-1)
-    if not torch.equal(ordered, torch.arange(m).expand_as(ordered)):
-        return None
-    return pos_outer.gather(-1, order)
 
 
 #: Member matrices larger than this many elements are multiplied in pieces along another
@@ -134,7 +107,7 @@ class _Problem:
                 for d, pos_d in axes[m.axis]:
                     if d == gi:
                         continue
-                    inner = _nested_positions(pos, pos_d, self.shapes[m.key][m.axis])
+                    inner = nested_positions(pos, pos_d, self.shapes[m.key][m.axis])
                     if inner is not None:
                         nest_others = self._others(m.key, m.axis, {gi, d}, pos)
                         self.nests[gi].append(_Nest(mem, d, inner, nest_others, self.shapes[m.key][m.axis]))

@@ -54,12 +54,12 @@ from permgraph.errors import SpecMismatchError
 from permgraph.match._common import MatchError, check_finite, check_spec
 from permgraph.match._wm_descent import RTOL, _Descent
 from permgraph.match._wm_descent import run as _run
-from permgraph.match._wm_problem import CHUNK, _nested_positions, _Problem
+from permgraph.match._wm_problem import CHUNK, _Problem
 from permgraph.spec import PermSpec
 
 __all__ = ["weight_matching", "WeightMatchingHistory", "similarity_matrices", "DEFAULT_MAX_MEMORY"]
-# importable from here: activation matching reads _nested_positions, benchmarks _Problem
-_ = (RTOL, CHUNK, _nested_positions, _Problem)
+# importable from here: the benchmarks read _Problem
+_ = (RTOL, CHUNK, _Problem)
 
 #: What weight matching keeps between visits by default (similarities, converted tensors).
 DEFAULT_MAX_MEMORY = 512 << 20
