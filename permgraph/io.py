@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import secrets
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -260,6 +261,14 @@ def load_permutation(path: PathLike, spec: PermSpec) -> dict[str, torch.Tensor]:
         raise FileFormatError(f"{str(path)!r}: the indices do not match the checksum in the header (the file is corrupted)")
 
     where = f"{str(path)!r} (made with permgraph {header.get('permgraph_version', '?')})"
+    renamed = _renamed(groups, spec)
+    if renamed:  # the same groups under the older names (before names came from module paths with roles)
+        warnings.warn(f"{where} names its groups as older versions did; they were matched to this spec's "
+                      "groups by their members. Save it again to store the current names.", DeprecationWarning,
+                      stacklevel=2)
+        perm = {g.name: tensors[renamed[g.name]] for g in spec.groups}
+        spec.check_permutation(perm)
+        return perm
     missing = [n for n in spec.names if n not in tensors]
     extra = [n for n in names if n not in set(spec.names)]
     if missing or extra:
@@ -290,6 +299,23 @@ def load_permutation(path: PathLike, spec: PermSpec) -> dict[str, torch.Tensor]:
     perm = {g.name: tensors[g.name] for g in spec.groups}
     spec.check_permutation(perm)
     return perm
+
+
+def _renamed(groups: list[dict[str, Any]], spec: PermSpec) -> dict[str, str] | None:
+    """Spec group name -> the file's name for it, when the names differ but every group has its
+    exact twin (size and members) in the file; None otherwise."""
+    if sorted(g["name"] for g in groups) == sorted(spec.names):
+        return None
+    theirs: dict[str, str] = {}
+    for g in groups:
+        if "members" not in g:
+            return None
+        theirs.setdefault(json.dumps([g["size"], g["members"]]), g["name"])
+    mine = {d["name"]: json.dumps([d["size"], d["members"]]) for d in _members(spec)}
+    if len(theirs) != len(groups) or len(groups) != len(mine) or not set(mine.values()) <= theirs.keys():
+        return None
+    out = {name: theirs[sig] for name, sig in mine.items()}
+    return out if len(set(out.values())) == len(out) else None
 
 
 # -- aligned weights --------------------------------------------------------------------------

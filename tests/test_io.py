@@ -69,6 +69,26 @@ def test_permutation_round_trip_is_bit_exact(spec: permgraph.PermSpec, tmp_path:
     assert set(plain) == set(spec.names) and all(t.dtype == torch.int64 for t in plain.values())
 
 
+def test_a_file_with_older_group_names_loads_by_members(spec: permgraph.PermSpec, tmp_path: Path) -> None:
+    import dataclasses
+
+    perm = _perm(spec)
+    old_names = {n: f"{n}#old" for n in spec.names}  # the same groups as an older version named them
+    old = permgraph.PermSpec(tuple(dataclasses.replace(g, name=old_names[g.name]) for g in spec.groups),
+                             spec.unsupported, spec.shapes)
+    path = save_permutation(tmp_path / "old.safetensors", old, {old_names[n]: p for n, p in perm.items()})
+    with pytest.warns(DeprecationWarning, match="matched to this spec's groups by their members"):
+        back = load_permutation(path, spec)
+    assert list(back) == spec.names and all(torch.equal(back[n], perm[n]) for n in spec.names)
+    # a group without its twin (another size) under another name: still another architecture
+    other = permgraph.infer(_cnn(width=5), torch.randn(2, 1, 4, 4))
+    path = save_permutation(tmp_path / "other.safetensors", other, _perm(other))
+    renamed = permgraph.PermSpec(tuple(dataclasses.replace(g, name=g.name + "x") for g in spec.groups),
+                                 spec.unsupported, spec.shapes)
+    with pytest.raises(SpecMismatchError, match="groups missing from the file"):
+        load_permutation(path, renamed)
+
+
 def test_apply_then_inverse_is_bit_exact(spec: permgraph.PermSpec) -> None:
     model = _cnn()
     model.train()
