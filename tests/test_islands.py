@@ -68,7 +68,7 @@ def test_data_dependent_top_forward_gets_the_islands_groups() -> None:
         permgraph.infer(model, x, islands=False)
     spec = _infer(model, x)
     assert sorted((g.name, g.size) for g in spec.groups) == [("a.0", 16), ("b.0", 12)]
-    assert spec.graph is None and spec.traced is None
+    assert spec.analysis is None
     assert set(spec.shapes) == set(model.state_dict())
     assert permuted_rows(spec, "a.0.weight", 0) == 16 and permuted_rows(spec, "b.0.weight", 0) == 12
     assert permuted_rows(spec, "a.2.weight", 0) == 0  # an island's output is blocked
