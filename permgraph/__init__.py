@@ -1,36 +1,9 @@
 """permgraph: find, apply and use the permutation symmetries of any PyTorch model."""
 
+from permgraph import errors as _errors
 from permgraph.aligning import align
 from permgraph.analysis import Analysis, analyze, infer
-from permgraph.errors import (
-    DataError,
-    DemoError,
-    DistributedError,
-    DrawError,
-    FileError,
-    FileFormatError,
-    GraphvizMissingWarning,
-    InferArgumentError,
-    IslandsWarning,
-    LapError,
-    MatchError,
-    MergeError,
-    MetricsError,
-    OracleArgumentError,
-    PermGraphError,
-    PermutationError,
-    RankDriftWarning,
-    RankFailedError,
-    RankMismatchError,
-    RankTimeoutError,
-    RoundingWarning,
-    SinkhornError,
-    SpecMismatchError,
-    TraceError,
-    UnsupportedOpError,
-    UntraceableModelError,
-    VerificationError,
-)
+from permgraph.errors import *  # noqa: F403 (every error and warning class; listed in errors.__all__)
 from permgraph.io import load_aligned, load_permutation, save_aligned, save_permutation
 from permgraph.match import activation_matching, merge_many, sinkhorn_matching, ste_matching, weight_matching
 from permgraph.merge import interpolate, reset_batchnorm
@@ -86,33 +59,7 @@ __all__ = [
     "load_permutation",
     "save_aligned",
     "load_aligned",
-    # errors (every one permgraph raises, and its warnings)
-    "PermGraphError",
-    "TraceError",
-    "UnsupportedOpError",
-    "SpecMismatchError",
-    "PermutationError",
-    "VerificationError",
-    "LapError",
-    "OracleArgumentError",
-    "InferArgumentError",
-    "RoundingWarning",
-    "MatchError",
-    "SinkhornError",
-    "MergeError",
-    "UntraceableModelError",
-    "MetricsError",
-    "FileFormatError",
-    "FileError",
-    "DemoError",
-    "DataError",
-    "DistributedError",
-    "RankMismatchError",
-    "RankFailedError",
-    "RankTimeoutError",
-    "RankDriftWarning",
-    "DrawError",
-    "GraphvizMissingWarning",
-    "IslandsWarning",
     "__version__",
+    # errors: every one permgraph raises, and its warnings
+    *_errors.__all__,
 ]

@@ -16,6 +16,7 @@ __all__ = [
     "MatchError",
     "SinkhornError",
     "MergeError",
+    "UntraceableModelError",
     "MetricsError",
     "FileFormatError",
     "FileError",
