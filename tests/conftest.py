@@ -9,7 +9,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# one intra-op thread per worker under pytest-xdist (``pytest -n auto``: one worker per core),
+# else two at most
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 # Property tests: the default profile is derandomized (the same examples every run, so CI is
 # reproducible); the long one draws new random examples each run and ten times as many
