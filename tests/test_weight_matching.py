@@ -195,6 +195,48 @@ def test_same_seed_same_answer_and_lap_backends_agree(two_resnet18s) -> None:
     assert all(torch.equal(p1[k], p2[k]) for k in p1)
 
 
+def test_lap_threads_take_the_sequential_path_step_for_step(two_resnet18s, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LAPs solved in threads (every one, with the size floor lowered) give the permutation,
+    objectives and sweeps of the sequential descent, in both orders."""
+    import threading
+
+    from permgraph.match import _wm_descent
+
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32)
+    gpt = []
+    for seed in (0, 1):  # attention heads: their joint moves run between the threaded LAPs
+        torch.manual_seed(seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gpt.append(transformers.GPT2LMHeadModel(config).eval())
+    ids = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gpt_spec = permgraph.infer(gpt[0], {"input_ids": ids, "use_cache": False})
+    monkeypatch.setattr(_wm_descent, "POOL_MIN_SIZE", 0)
+    threads: set[str] = set()
+    solve = _wm_descent._Descent._solve
+
+    def spy(self, cost):  # noqa: ANN001, ANN202
+        threads.add(threading.current_thread().name)
+        return solve(self, cost)
+
+    monkeypatch.setattr(_wm_descent._Descent, "_solve", spy)
+    problems = [(*two_resnet18s, "random"), (*two_resnet18s, "graph"),
+                (gpt_spec, gpt[0].state_dict(), gpt[1].state_dict(), "random")]
+    for spec, a, b, order in problems:
+        p1, h1 = weight_matching(spec, a, b, order=order, lap_threads=1, return_history=True)
+        assert threads == {threading.current_thread().name}
+        threads.clear()
+        p3, h3 = weight_matching(spec, a, b, order=order, lap_threads=3, return_history=True)
+        assert any(t.startswith("permgraph-lap") for t in threads)
+        threads.clear()
+        assert h1.objective == h3.objective and h1.changed == h3.changed and h1.laps == h3.laps
+        assert all(torch.equal(p1[k], p3[k]) for k in p1)
+    assert any(g.size == 4 for g in gpt_spec.groups)  # the heads: visited by joint moves
+
+
 def test_starting_at_the_answer_changes_nothing() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2))
@@ -332,6 +374,9 @@ def test_bad_arguments(mlp_spec) -> None:
     for tol in (-0.1, 1.0, "0", True):
         with pytest.raises(MatchError, match="tol must be"):
             weight_matching(spec, a, a, tol=tol)  # type: ignore[arg-type]
+    for threads in (0, 1.5, True):
+        with pytest.raises(MatchError, match="lap_threads must be"):
+            weight_matching(spec, a, a, lap_threads=threads)  # type: ignore[arg-type]
     with pytest.raises(MatchError, match="order must be 'graph' or 'random'"):
         weight_matching(spec, a, a, order="sorted")  # type: ignore[arg-type]
     with pytest.raises(LapError, match="unknown LAP backend"):

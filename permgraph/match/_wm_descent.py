@@ -4,6 +4,8 @@ group (see `permgraph.match.weight` for the method)."""
 from __future__ import annotations
 
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -13,6 +15,10 @@ from permgraph.match._wm_problem import _Problem
 
 #: A step is kept when it raises the objective by more than this, relative.
 RTOL = 1e-12
+
+
+#: LAPs of groups smaller than this are solved inline, not in a thread (``lap_threads``).
+POOL_MIN_SIZE = 1024
 
 
 def _improves(old: float, new: float) -> bool:
@@ -55,13 +61,21 @@ class _Descent:
 
     def step(self, gi: int) -> list[int]:
         """Visit group ``gi``; return the groups whose permutation changed."""
-        self.dirty[gi] = False
         if self.prob.nests[gi]:
+            self.dirty[gi] = False
             moved = self._joint_step(gi)
             if moved:
                 return moved
-        cost = self._cost(gi, self.perm)
-        p_new = self._solve(cost)
+        cost = self.prepare(gi)
+        return self.finish(gi, cost, self._solve(cost))
+
+    def prepare(self, gi: int) -> torch.Tensor:
+        """The first half of a plain visit: ``-S_g`` under the current permutations."""
+        self.dirty[gi] = False
+        return self._cost(gi, self.perm)
+
+    def finish(self, gi: int, cost: torch.Tensor, p_new: torch.Tensor) -> list[int]:
+        """The second half: take ``p_new`` (the LAP of ``cost``) when it raises ``J``."""
         old = -float(cost[self.ar[gi], self.perm[gi]].sum())
         new = -float(cost[self.ar[gi], p_new].sum())
         if not _improves(old, new):
@@ -114,23 +128,68 @@ def graph_order(spec: Any) -> list[int]:
     return sorted(range(len(spec.groups)), key=lambda g: first[g])
 
 
-def sweep(descent: _Descent, order: list[int]) -> list[int]:
+def sweep(descent: _Descent, order: list[int], pool: ThreadPoolExecutor | None = None) -> list[int]:
     """One sweep: visit, in ``order``, every group something it reads changed for since its
-    last LAP; return the groups changed."""
+    last LAP; return the groups changed.
+
+    With a ``pool``, the LAPs of consecutive visits to groups that share no tensor run in its
+    threads while the next similarity is built (the LAP solvers release the GIL): such a
+    visit neither reads nor dirties the other's permutation, and the results are taken in
+    visit order, so the sweep is the sequential one, step for step."""
     changed: list[int] = []
+    if pool is None:
+        for gi in order:
+            if descent.dirty[gi]:  # else S_g is what it was at g's last LAP
+                changed += descent.step(gi)
+        return changed
+    tensors = descent.prob.tensors_of
+    flight: deque[tuple[int, torch.Tensor, Future]] = deque()  # LAPs under way, in visit order
+
+    def land() -> None:  # take the oldest LAP's result
+        gi, cost, fut = flight.popleft()
+        changed.extend(descent.finish(gi, cost, fut.result()))
+
     for gi in order:
-        if descent.dirty[gi]:  # else S_g is what it was at g's last LAP
+        while any(tensors[gi] & tensors[h] for h, _, _ in flight):  # gi reads one of them
+            land()
+        if not descent.dirty[gi]:
+            continue
+        if descent.prob.nests[gi]:
+            while flight:
+                land()
             changed += descent.step(gi)
+            continue
+        cost = descent.prepare(gi)
+        if descent.prob.sizes[gi] < POOL_MIN_SIZE:  # solved in less time than a hand-off costs
+            while flight:
+                land()
+            changed += descent.finish(gi, cost, descent._solve(cost))
+            continue
+        if len(flight) >= pool._max_workers:
+            land()
+        flight.append((gi, cost, pool.submit(descent._solve, cost)))
+    while flight:
+        land()
     return changed
 
 
-def run(descent: _Descent, spec: Any, *, order: str, seed: int, tol: float, max_iter: int, bar: Any = None) -> None:
+def run(descent: _Descent, spec: Any, *, order: str, seed: int, tol: float, max_iter: int, lap_threads: int = 1,
+        bar: Any = None) -> None:
     """Sweep until one changes nothing, or raises the objective by at most ``tol`` times
     what all sweeps so far raised it, or ``max_iter`` sweeps; record each in ``descent.hist``.
 
     ``order="graph"``: every sweep visits the groups in `graph_order` (each then sees its
     input side already aligned); ``order="random"``: a random order each sweep, drawn from
-    ``seed``."""
+    ``seed``. ``lap_threads > 1``: LAPs run in that many threads (see `sweep`)."""
+    if lap_threads > 1:
+        with ThreadPoolExecutor(lap_threads, thread_name_prefix="permgraph-lap") as pool:
+            _run(descent, spec, order, seed, tol, max_iter, pool, bar)
+    else:
+        _run(descent, spec, order, seed, tol, max_iter, None, bar)
+
+
+def _run(descent: _Descent, spec: Any, order: str, seed: int, tol: float, max_iter: int,
+         pool: ThreadPoolExecutor | None, bar: Any) -> None:
     hist = descent.hist
     gen = torch.Generator().manual_seed(seed)
     forward = graph_order(spec)
@@ -141,7 +200,7 @@ def run(descent: _Descent, spec: Any, *, order: str, seed: int, tol: float, max_
         else:
             visit = forward
         before = descent.objective
-        changed = sweep(descent, visit)
+        changed = sweep(descent, visit, pool)
         hist.sweeps += 1
         hist.changed.append([spec.groups[gi].name for gi in dict.fromkeys(changed)])
         hist.objective.append(descent.objective)

@@ -29,7 +29,10 @@ for each member whose other axes were re-gathered since, the change of its term 
 changed (after the first sweeps a neighbour's new permutation moves a tenth of its units or
 fewer), the whole ``A_m · (B_new - B_old)ᵀ`` otherwise; the thin updates of one visit are
 concatenated into one GEMM (each alone would cost a pass over ``S_g``). Products run on the compute device;
-only the LAP runs on the host, on a float64 copy of ``-S_g``.
+only the LAP runs on the host, on a float64 copy of ``-S_g``. Two visits in a row to groups
+that share no tensor are independent: the first one's LAP (of `POOL_MIN_SIZE` units or more)
+runs in a thread while the second one's products are built (``lap_threads``), and results
+are taken in visit order, so the descent is the same step for step.
 
 **Streaming.** Neither model is held whole: ``state_a`` and ``state_b`` may be lazy mappings
 (a memory-mapped `permgraph.checkpoint.Checkpoint`), read one tensor at a time. Gathers run
@@ -52,14 +55,14 @@ import torch
 from permgraph import lap as _lap
 from permgraph.errors import SpecMismatchError
 from permgraph.match._common import MatchError, check_finite, check_spec
-from permgraph.match._wm_descent import RTOL, _Descent
+from permgraph.match._wm_descent import POOL_MIN_SIZE, RTOL, _Descent
 from permgraph.match._wm_descent import run as _run
 from permgraph.match._wm_problem import CHUNK, _Problem
 from permgraph.spec import PermSpec
 
 __all__ = ["weight_matching", "WeightMatchingHistory", "similarity_matrices", "DEFAULT_MAX_MEMORY"]
 # importable from here: the benchmarks read _Problem
-_ = (RTOL, CHUNK, _Problem)
+_ = (RTOL, CHUNK, POOL_MIN_SIZE, _Problem)
 
 #: What weight matching keeps between visits by default (similarities, converted tensors).
 DEFAULT_MAX_MEMORY = 512 << 20
@@ -127,6 +130,14 @@ def _validate(spec: PermSpec, state_a: Mapping[str, torch.Tensor], state_b: Mapp
         raise MatchError(f"max_iter must be a positive int, got {max_iter!r}")
 
 
+def _check_threads(lap_threads: Any) -> int:
+    if lap_threads is None:
+        return torch.get_num_threads()
+    if isinstance(lap_threads, bool) or not isinstance(lap_threads, int) or lap_threads < 1:
+        raise MatchError(f"lap_threads must be a positive int or None, got {lap_threads!r}")
+    return lap_threads
+
+
 def _check_descent(tol: Any, order: Any) -> None:
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < 1:
         raise MatchError(f"tol must be a number in [0, 1) (0: run to exact convergence), got {tol!r}")
@@ -148,7 +159,7 @@ def weight_matching(spec: PermSpec, state_a: Mapping[str, torch.Tensor], state_b
                     lap: str = "auto", progress: bool = False,
                     init: Mapping[str, torch.Tensor] | None = None,
                     max_memory: int | None = DEFAULT_MAX_MEMORY, device: torch.device | str | None = None,
-                    dtype: torch.dtype | None = None,
+                    dtype: torch.dtype | None = None, lap_threads: int | None = None,
                     return_history: Literal[False] = False) -> dict[str, torch.Tensor]: ...
 
 
@@ -158,7 +169,7 @@ def weight_matching(spec: PermSpec, state_a: Mapping[str, torch.Tensor], state_b
                     lap: str = "auto", progress: bool = False,
                     init: Mapping[str, torch.Tensor] | None = None,
                     max_memory: int | None = DEFAULT_MAX_MEMORY, device: torch.device | str | None = None,
-                    dtype: torch.dtype | None = None,
+                    dtype: torch.dtype | None = None, lap_threads: int | None = None,
                     return_history: Literal[True]) -> tuple[dict[str, torch.Tensor], WeightMatchingHistory]: ...
 
 
@@ -177,6 +188,7 @@ def weight_matching(
     max_memory: int | None = DEFAULT_MAX_MEMORY,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    lap_threads: int | None = None,
     return_history: bool = False,
 ) -> dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], WeightMatchingHistory]:
     """Align B to A by matching weights (Git Re-Basin, Alg. 1).
@@ -213,6 +225,11 @@ def weight_matching(
             beyond float rounding; the time does.
         device: where the products run (default: the device of ``state_a``'s first member
             tensor); the LAP runs on the host.
+        dtype: the compute dtype of the products (default: float32, or the stored dtype
+            when wider).
+        lap_threads: host threads for the LAPs (default: ``torch.get_num_threads()``): the
+            LAPs of consecutive visits to groups that share no tensor run side by side, and
+            beside the next group's products. The result is the same for any value.
         return_history: also return a :class:`WeightMatchingHistory` (the objective per
             sweep, the groups changed, counts and timings).
 
@@ -225,8 +242,8 @@ def weight_matching(
         SpecMismatchError: a state_dict does not match the spec (the message names the first
             mismatching key and its shapes), or a tensor holds NaN/inf (named).
         PermutationError: ``init`` is not a permutation of every group.
-        MatchError: ``max_iter`` is not a positive int, ``max_memory`` not a size, ``tol``
-            not in [0, 1), or ``order`` unknown.
+        MatchError: ``max_iter`` or ``lap_threads`` is not a positive int, ``max_memory``
+            not a size, ``tol`` not in [0, 1), or ``order`` unknown.
         LapError: the LAP backend is unknown or not installed.
 
     Example:
@@ -243,6 +260,7 @@ def weight_matching(
     t_start = time.perf_counter()
     _validate(spec, state_a, state_b, max_iter)
     _check_descent(tol, order)
+    lap_threads = _check_threads(lap_threads)
     _lap._pick(2, lap)  # an unknown backend fails now, not after the first products
     if init is not None:
         spec.check_permutation(init)
@@ -263,7 +281,7 @@ def weight_matching(
 
         bar = tqdm(total=max_iter, desc="weight matching", unit="sweep")
     try:
-        _run(descent, spec, order=order, seed=seed, tol=tol, max_iter=max_iter, bar=bar)
+        _run(descent, spec, order=order, seed=seed, tol=tol, max_iter=max_iter, lap_threads=lap_threads, bar=bar)
     finally:
         if bar is not None:
             bar.close()
