@@ -98,7 +98,10 @@ def test_resnet18_recovers_the_hidden_permutation(calibrated_resnet18) -> None:
         assert torch.equal(aligned[k], v), k
 
 
-def test_gpt2_recovers_heads_and_within_head_units_from_keyword_batches() -> None:
+@pytest.mark.parametrize("heads", ["shared", "independent"])
+def test_gpt2_recovers_heads_and_within_head_units_from_keyword_batches(heads: str) -> None:
+    """Per-head groups (``heads="independent"``) permute inside whatever head the heads
+    group brings: they are solved from the joint reading of A's head i and B's head p(i)."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     with warnings.catch_warnings():
@@ -107,7 +110,8 @@ def test_gpt2_recovers_heads_and_within_head_units_from_keyword_batches() -> Non
             transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32)
         ).eval()
         ids = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(0))
-        spec = permgraph.infer(model, {"input_ids": ids, "use_cache": False})
+        spec = permgraph.infer(model, {"input_ids": ids, "use_cache": False}, heads=heads)
+    assert len(spec.groups) == (9 if heads == "shared" else 21)
     other, inverse = _permuted_copy(spec, model, seed=1)
     batches = [
         {"use_cache": False, "input_ids": torch.randint(0, 100, (4, 8), generator=torch.Generator().manual_seed(i))}

@@ -104,6 +104,41 @@ def test_gpt2_recovers_the_inverse() -> None:
     _assert_recovered(spec, a, b, perm, hist)
 
 
+def _gpt2_pair(heads: str) -> tuple[permgraph.PermSpec, dict, dict]:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32)
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            models.append(transformers.GPT2LMHeadModel(config).eval())
+    ids = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        spec = permgraph.infer(models[0], {"input_ids": ids, "use_cache": False}, heads=heads)
+    return spec, models[0].state_dict(), models[1].state_dict()
+
+
+def test_per_head_groups_recover_the_inverse_and_the_objective_is_the_true_one() -> None:
+    """With a group per head's units (applied after the heads group, inside whatever head it
+    brought), the heads move only jointly with them: the objective the history reports is
+    the one of the aligned weights, every sweep, and the descent converges."""
+    spec, a, b = _gpt2_pair("independent")
+    assert sum(g.name.rsplit(".", 1)[-1] in {"h0", "h1", "h2", "h3"} for g in spec.groups) == 16  # 2 layers x (qk, v) x 4 heads
+    hidden = spec.random_permutation(torch.Generator().manual_seed(1))
+    perm, hist = weight_matching(spec, a, spec.apply(hidden, a), return_history=True)
+    _assert_recovered(spec, a, spec.apply(hidden, a), perm, hist)
+    keys = {m.key for g in spec.groups for m in g.members}
+    for order in ("random", "graph"):
+        perm, hist = weight_matching(spec, a, b, order=order, return_history=True)
+        aligned = spec.apply(perm, b)
+        true = sum(float((a[k].double() * aligned[k].double()).sum()) for k in keys)
+        assert hist.converged and hist.sweeps < 20
+        assert hist.objective[-1] == pytest.approx(true, rel=1e-6)
+        assert hist.objective[-1] > hist.objective[0]
+
+
 def test_a_group_on_both_axes_of_one_weight() -> None:
     """A residual ``h + W h``: one group permutes both axes of ``W`` (a quadratic term)."""
 
@@ -202,18 +237,7 @@ def test_lap_threads_take_the_sequential_path_step_for_step(two_resnet18s, monke
 
     from permgraph.match import _wm_descent
 
-    transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32)
-    gpt = []
-    for seed in (0, 1):  # attention heads: their joint moves run between the threaded LAPs
-        torch.manual_seed(seed)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            gpt.append(transformers.GPT2LMHeadModel(config).eval())
-    ids = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(0))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        gpt_spec = permgraph.infer(gpt[0], {"input_ids": ids, "use_cache": False})
+    gpt_spec, gpt_a, gpt_b = _gpt2_pair("shared")  # attention heads: joint moves between threaded LAPs
     monkeypatch.setattr(_wm_descent, "POOL_MIN_SIZE", 0)
     threads: set[str] = set()
     solve = _wm_descent._Descent._solve
@@ -224,7 +248,7 @@ def test_lap_threads_take_the_sequential_path_step_for_step(two_resnet18s, monke
 
     monkeypatch.setattr(_wm_descent._Descent, "_solve", spy)
     problems = [(*two_resnet18s, "random"), (*two_resnet18s, "graph"),
-                (gpt_spec, gpt[0].state_dict(), gpt[1].state_dict(), "random")]
+                (gpt_spec, gpt_a, gpt_b, "random")]
     for spec, a, b, order in problems:
         p1, h1 = weight_matching(spec, a, b, order=order, lap_threads=1, return_history=True)
         assert threads == {threading.current_thread().name}

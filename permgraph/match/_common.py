@@ -136,3 +136,46 @@ def nested_positions(pos_outer: torch.Tensor, pos_inner: torch.Tensor, axis_size
     if not torch.equal(ordered, torch.arange(m).expand_as(ordered)):
         return None
     return pos_outer.gather(-1, order)
+
+
+def partitioned_positions(pos_outer: torch.Tensor, parts: list[tuple[int, torch.Tensor]],
+                          axis_size: int) -> tuple[tuple[int, ...], torch.Tensor] | None:
+    """Which group lies in each outer block, and where its units sit there, or None unless
+    every block is exactly the positions of one group of its own (a within-head group per
+    head), each of whose units sits once in every repeat of the block.
+
+    Args:
+        pos_outer: outer positions ``(*counts, n, block)``.
+        parts: ``(group, positions (*counts', m, 1))`` of the other groups on the axis.
+        axis_size: the axis length.
+
+    Returns:
+        ``(groups, positions)``: ``groups[i]`` the group in block ``i``; ``positions``
+        ``(*counts, n, block)``, entry ``[..., i, u]`` where unit ``u`` of ``groups[i]`` sits.
+    """
+    n, block = pos_outer.shape[-2], pos_outer.shape[-1]
+    if n < 2 or block < 2:
+        return None
+    owner = torch.full((axis_size,), -1, dtype=torch.int64)
+    unit = torch.full((axis_size,), -1, dtype=torch.int64)
+    counts = []
+    for k, (_, pos) in enumerate(parts):
+        flat = pos.reshape(-1)
+        counts.append(flat.numel())
+        if pos.shape[-1] != 1 or pos.shape[-2] != block:
+            continue
+        if bool((owner[flat] >= 0).any()):
+            return None  # two groups on one position: not a partition
+        owner[flat] = k
+        unit[flat] = torch.arange(block).view(block, 1).expand(pos.shape).reshape(-1)
+    own = owner[pos_outer].movedim(-2, 0).reshape(n, -1)  # the group at each position of each block
+    first = own[:, 0]
+    if bool((first < 0).any()) or not bool((own == first.unsqueeze(1)).all()) or len(set(first.tolist())) < n:
+        return None
+    if any(counts[int(k)] != own.shape[1] for k in first):
+        return None  # a group reaching outside its block
+    units = unit[pos_outer]
+    ordered, order = torch.sort(units, dim=-1)
+    if not torch.equal(ordered, torch.arange(block).expand_as(ordered)):
+        return None
+    return tuple(parts[int(k)][0] for k in first), pos_outer.gather(-1, order)

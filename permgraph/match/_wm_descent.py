@@ -64,7 +64,7 @@ class _Descent:
         if self.prob.nests[gi]:
             self.dirty[gi] = False
             moved = self._joint_step(gi)
-            if moved:
+            if moved or self.prob.joint_only[gi]:
                 return moved
         cost = self.prepare(gi)
         return self.finish(gi, cost, self._solve(cost))

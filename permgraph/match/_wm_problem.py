@@ -15,7 +15,7 @@ import torch
 
 from permgraph import lap as _lap
 from permgraph.match._budget import Budget, Weights, held_bytes
-from permgraph.match._common import LayoutInfo, compose_index, gather_units, nested_positions
+from permgraph.match._common import LayoutInfo, compose_index, gather_units, nested_positions, partitioned_positions
 from permgraph.spec import PermSpec
 
 Index = dict[int, "torch.Tensor | None"]  # axis -> gather index (None: identity)
@@ -39,21 +39,24 @@ class _Member:
 
 
 class _Nest:
-    """A member of an outer group whose every unit (block) holds each unit of ``inner`` once.
+    """A member of an outer group whose every unit (block) holds the units of an inner group
+    once each: of one group shared by every block (``inners = (d,)``, attention's
+    within-head units in ``heads="shared"``), or of one group per block (``inners[i]`` in
+    block ``i``: ``heads="independent"``).
 
     ``lay`` reads the member's positions ordered (outer unit, inner unit), as a layout of
     ``n_outer * n_inner`` units of one position; ``others`` are the permutations B is read
     through (every group on the tensor but the outer and inner ones on this axis).
     """
 
-    __slots__ = ("mem", "inner", "lay", "others")
+    __slots__ = ("mem", "inners", "m", "lay", "others")
 
-    def __init__(self, mem: _Member, inner: int, pos: torch.Tensor, others: dict[int, list[tuple[int, torch.Tensor]]],
-                 axis_size: int) -> None:
+    def __init__(self, mem: _Member, inners: tuple[int, ...], pos: torch.Tensor,
+                 others: dict[int, list[tuple[int, torch.Tensor]]], axis_size: int) -> None:
         self.mem = mem
-        self.inner = inner
-        n_outer, n_inner = pos.shape[-2], pos.shape[-1]
-        flat = pos.reshape(*pos.shape[:-2], n_outer * n_inner, 1)
+        self.inners = inners
+        n_outer, self.m = pos.shape[-2], pos.shape[-1]
+        flat = pos.reshape(*pos.shape[:-2], n_outer * self.m, 1)
         self.lay = LayoutInfo(flat, axis_size)
         self.others = others
 
@@ -104,16 +107,23 @@ class _Problem:
                 self.members[gi].append(mem)
                 for h in mem.deps:
                     self.users[h].add(gi)
-                for d, pos_d in axes[m.axis]:
-                    if d == gi:
-                        continue
-                    inner = nested_positions(pos, pos_d, self.shapes[m.key][m.axis])
-                    if inner is not None:
-                        nest_others = self._others(m.key, m.axis, {gi, d}, pos)
-                        self.nests[gi].append(_Nest(mem, d, inner, nest_others, self.shapes[m.key][m.axis]))
-                        mem.bucket = 1
-                        break
-        self.partners = [sorted({n.inner for n in nests}) for nests in self.nests]
+                size = self.shapes[m.key][m.axis]
+                rivals = [(d, pos_d) for d, pos_d in axes[m.axis] if d != gi]
+                nest = next((((d,), inner) for d, pos_d in rivals
+                             if (inner := nested_positions(pos, pos_d, size)) is not None), None)
+                if nest is None and rivals:  # per-block groups come after the outer one (spec order)
+                    nest = partitioned_positions(pos, [(d, p) for d, p in rivals if d > gi], size)
+                if nest is not None:
+                    inners, inner = nest
+                    nest_others = self._others(m.key, m.axis, {gi, *inners}, pos)
+                    self.nests[gi].append(_Nest(mem, inners, inner, nest_others, size))
+                    mem.bucket = 1
+        self.partners = [sorted({d for n in nests for d in n.inners}) for nests in self.nests]
+        # outer groups with a group of their own in each unit: applied after the outer one,
+        # those permute inside whatever block the outer group brought there, so S_g read
+        # through them pairs A's block i with B's block j under block j's inner permutation
+        # instead of block i's: its plain LAP is not the best response, only the joint move is
+        self.joint_only = [any(len(n.inners) > 1 for n in nests) for nests in self.nests]
         # rebuilding S_g costs 2 n² rest flops per member and keeping it 4 n² bytes: its worth
         # per byte is the members' summed rest
         self.worth = [float(sum(math.prod(self.shapes[m.key]) // self.sizes[gi] for m in self.members[gi]))
@@ -308,18 +318,18 @@ class _Problem:
         n = self.sizes[gi]
         nests = self.nests[gi]
         s = self.cost(gi, perm, hist, plain_only=True).to(device="cpu", dtype=torch.float64, copy=True).neg_()
-        blocks: dict[int, torch.Tensor] = {}
+        blocks: dict[tuple[int, ...], torch.Tensor] = {}
         for nest in nests:
-            m = self.sizes[nest.inner]
+            m = nest.m
             idx = self._indices(nest.mem.key, nest.others, perm)
             a = self._a_matrix(nest.mem.key, nest.mem.axis, nest.lay, id(nest))
             c = a @ self._b_matrix(nest.mem.key, nest.mem.axis, nest.lay, idx).T
             hist.products += 1
             c = c.view(n, m, n, m).permute(0, 2, 1, 3)
-            blocks[nest.inner] = c if nest.inner not in blocks else blocks[nest.inner] + c
-        for d, c in blocks.items():
+            blocks[nest.inners] = c if nest.inners not in blocks else blocks[nest.inners] + c
+        for c in blocks.values():
             c64 = c.to(device="cpu", dtype=torch.float64)
-            m = self.sizes[d]
+            m = c64.shape[-1]
             ar = torch.arange(m)
             for i in range(n):
                 for j in range(n):

@@ -38,7 +38,7 @@ import torch
 from permgraph import distributed as _dist
 from permgraph import lap as _lap
 from permgraph.match import _stats
-from permgraph.match._common import MatchError, check_finite, check_spec, nested_positions
+from permgraph.match._common import MatchError, check_finite, check_spec, nested_positions, partitioned_positions
 from permgraph.match._stats import ActivationStats
 from permgraph.runner import device_of, input_signature, runner_for
 from permgraph.spec import Layout, PermSpec
@@ -134,34 +134,46 @@ def _plan(spec: PermSpec, graph: Any) -> tuple[dict[str, list[_Occurrence]], dic
             missing.append(gname)
         chosen[gname] = [o[:4] for o in pick]
     # joint readings of nested groups (attention heads and their within-head units): the
-    # outer group's reading covers the inner group's units there too
-    joint: dict[tuple[str, int | None, int, str, Layout], tuple[str, torch.Tensor]] = {}
+    # outer group's reading covers the inner units there too, of one group shared by every
+    # head, or of one group per head (heads="independent": those come after the heads in
+    # spec order and permute inside whatever head the heads group brings, so they are read
+    # only jointly, where B's head j meets A's head i)
+    rank = {g.name: i for i, g in enumerate(spec.groups)}
+    joint: dict[tuple[str, int | None, int, str, Layout], tuple[tuple[str, ...], torch.Tensor]] = {}
     covered: set[tuple[str, int | None, int, str, Layout]] = set()
+    per_head: set[str] = set()
     for gname, occs in chosen.items():
         for node, item, dim, lay in occs:
             shape = graph.nodes[node]["shape"]
             dim_size = (shape[item] if item is not None else shape)[dim]
-            for other, olay in dims[(node, item, dim)]:
-                if other == gname:
-                    continue
-                inner = nested_positions(lay.positions(sizes[gname]), olay.positions(sizes[other]), dim_size)
-                if inner is not None:
-                    joint[(node, item, dim, gname, lay)] = (other, inner.reshape(*inner.shape[:-2], -1, 1))
-                    covered.add((node, item, dim, other, olay))
-                    break
+            outer = lay.positions(sizes[gname])
+            rivals = [(other, olay) for other, olay in dims[(node, item, dim)] if other != gname]
+            found_nest = next((((other,), inner, [(other, olay)]) for other, olay in rivals
+                               if (inner := nested_positions(outer, olay.positions(sizes[other]), dim_size)) is not None),
+                              None)
+            if found_nest is None:
+                later = [(o, ol) for o, ol in rivals if rank[o] > rank[gname]]
+                part = partitioned_positions(outer, [(o, ol.positions(sizes[o])) for o, ol in later], dim_size)
+                if part is not None:
+                    found_nest = (part[0], part[1], [(o, ol) for o, ol in later if o in part[0]])
+                    per_head.update(part[0])
+            if found_nest is not None:
+                inners, inner, readings = found_nest
+                joint[(node, item, dim, gname, lay)] = (inners, inner.reshape(*inner.shape[:-2], -1, 1))
+                covered.update((node, item, dim, o, ol) for o, ol in readings)
     plan: dict[str, list[_Occurrence]] = {}
     keys: dict[tuple[str, ...], int] = {}
     for gname, occs in chosen.items():
         for node, item, dim, lay in occs:
-            if (node, item, dim, gname, lay) in covered:
+            if (node, item, dim, gname, lay) in covered or gname in per_head:
                 continue  # read jointly with its heads
             shape = graph.nodes[node]["shape"]
             size = (shape[item] if item is not None else shape)[dim]
             nest = joint.get((node, item, dim, gname, lay))
             if nest is not None:
-                key: tuple[str, ...] = (gname, nest[0])
+                key: tuple[str, ...] = (gname, *nest[0])
                 reading = _Occurrence(node, item, dim, key, nest[1], size)
-                keys[key] = sizes[gname] * sizes[nest[0]]
+                keys[key] = nest[1].shape[-2]
             else:
                 reading = _Occurrence(node, item, dim, (gname,), lay.positions(sizes[gname]), size)
                 keys[(gname,)] = sizes[gname]
@@ -439,12 +451,15 @@ def _solve(spec: PermSpec, stats: Mapping[tuple[str, ...], ActivationStats], siz
         if len(key) == 1:
             total[key[0]] = s if key[0] not in total else total[key[0]] + s
     # heads first: each pair of heads scored by the best alignment of their inner units
-    nested = {k: s for k, s in sims.items() if len(k) == 2}
-    blocks: dict[tuple[str, str], torch.Tensor] = {}
-    for (outer, inner), s in nested.items():
-        n, m = sizes[outer], sizes[inner]
+    # (key (heads, inner): one inner group in every head; (heads, inner_0, ...): one per head)
+    nested = {k: s for k, s in sims.items() if len(k) >= 2}
+    blocks: dict[tuple[str, ...], torch.Tensor] = {}
+    for key, s in nested.items():
+        outer = key[0]
+        n = sizes[outer]
+        m = s.shape[0] // n
         b = s.view(n, m, n, m).permute(0, 2, 1, 3)
-        blocks[(outer, inner)] = b
+        blocks[key] = b
         score = torch.zeros(n, n, dtype=torch.float64)
         ar = torch.arange(m)
         for i in range(n):
@@ -452,12 +467,14 @@ def _solve(spec: PermSpec, stats: Mapping[tuple[str, ...], ActivationStats], siz
                 sigma = _lap.solve(b[i, j], maximize=True, backend=lap)
                 score[i, j] = b[i, j][ar, sigma].sum()
         total[outer] = score if outer not in total else total[outer] + score
-    outers = {o for o, _ in nested}
+    outers = {k[0] for k in nested}
     for name in outers:
         perm[name] = _lap.solve(total[name], maximize=True, backend=lap)
-    for (outer, inner), b in blocks.items():
-        given = b[torch.arange(sizes[outer]), perm[outer]].sum(0)  # Σ_i block(i, p(i))
-        total[inner] = given if inner not in total else total[inner] + given
+    for (outer, *inners), b in blocks.items():
+        pairs = b[torch.arange(sizes[outer]), perm[outer]]  # block(i, p(i)): A's head i, B's head p(i)
+        given = [pairs.sum(0)] if len(inners) == 1 else list(pairs)  # a shared inner group sums them
+        for inner, g in zip(inners, given):
+            total[inner] = g if inner not in total else total[inner] + g
     for name, s in total.items():
         if name not in outers:
             perm[name] = _lap.solve(s, maximize=True, backend=lap)

@@ -19,7 +19,10 @@ the reverse), so a visit of the outer group first tries a *joint* move: the simi
 head ``i`` of A and head ``j`` of B is the best alignment of their inner units (one small
 LAP per pair), the heads take the LAP of that matrix, the inner groups their best response
 to the new heads, and the move is kept when it raises ``J``; otherwise the visit is the
-plain step above.
+plain step above. With a group of its own in each head (``heads="independent"``), applied
+after the heads group and so permuting inside whatever head it brought, the joint move is
+the heads group's only step: its plain ``S_g`` would read B's head ``j`` under head ``j``'s
+inner permutation, where head ``i``'s applies once ``j`` moves to ``i``.
 
 **Only what a change invalidates is recomputed.** A group whose neighbours (the groups it
 shares a tensor with) did not change since its last LAP is skipped. ``S_g`` is kept from
