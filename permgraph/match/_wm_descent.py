@@ -128,14 +128,15 @@ def graph_order(spec: Any) -> list[int]:
     return sorted(range(len(spec.groups)), key=lambda g: first[g])
 
 
-def sweep(descent: _Descent, order: list[int], pool: ThreadPoolExecutor | None = None) -> list[int]:
+def sweep(descent: _Descent, order: list[int], pool: ThreadPoolExecutor | None = None, depth: int = 1) -> list[int]:
     """One sweep: visit, in ``order``, every group something it reads changed for since its
     last LAP; return the groups changed.
 
-    With a ``pool``, the LAPs of consecutive visits to groups that share no tensor run in its
-    threads while the next similarity is built (the LAP solvers release the GIL): such a
-    visit neither reads nor dirties the other's permutation, and the results are taken in
-    visit order, so the sweep is the sequential one, step for step."""
+    With a ``pool``, the LAPs of consecutive visits to groups that share no tensor (up to
+    ``depth`` at a time) run in its threads while the next similarity is built (the LAP
+    solvers release the GIL): such a visit neither reads nor dirties the other's
+    permutation, and the results are taken in visit order, so the sweep is the sequential
+    one, step for step."""
     changed: list[int] = []
     if pool is None:
         for gi in order:
@@ -165,7 +166,7 @@ def sweep(descent: _Descent, order: list[int], pool: ThreadPoolExecutor | None =
                 land()
             changed += descent.finish(gi, cost, descent._solve(cost))
             continue
-        if len(flight) >= pool._max_workers:
+        if len(flight) >= depth:
             land()
         flight.append((gi, cost, pool.submit(descent._solve, cost)))
     while flight:
@@ -183,13 +184,13 @@ def run(descent: _Descent, spec: Any, *, order: str, seed: int, tol: float, max_
     ``seed``. ``lap_threads > 1``: LAPs run in that many threads (see `sweep`)."""
     if lap_threads > 1:
         with ThreadPoolExecutor(lap_threads, thread_name_prefix="permgraph-lap") as pool:
-            _run(descent, spec, order, seed, tol, max_iter, pool, bar)
+            _run(descent, spec, order, seed, tol, max_iter, pool, lap_threads, bar)
     else:
-        _run(descent, spec, order, seed, tol, max_iter, None, bar)
+        _run(descent, spec, order, seed, tol, max_iter, None, 1, bar)
 
 
 def _run(descent: _Descent, spec: Any, order: str, seed: int, tol: float, max_iter: int,
-         pool: ThreadPoolExecutor | None, bar: Any) -> None:
+         pool: ThreadPoolExecutor | None, depth: int, bar: Any) -> None:
     hist = descent.hist
     gen = torch.Generator().manual_seed(seed)
     forward = graph_order(spec)
@@ -200,7 +201,7 @@ def _run(descent: _Descent, spec: Any, order: str, seed: int, tol: float, max_it
         else:
             visit = forward
         before = descent.objective
-        changed = sweep(descent, visit, pool)
+        changed = sweep(descent, visit, pool, depth)
         hist.sweeps += 1
         hist.changed.append([spec.groups[gi].name for gi in dict.fromkeys(changed)])
         hist.objective.append(descent.objective)
