@@ -89,7 +89,7 @@ class WeightMatchingHistory:
             at most ``tol`` times what all sweeps had).
         seconds: wall time of the whole call.
         product_seconds: time spent building similarity matrices (GEMMs and gathers).
-        lap_seconds: time spent in the LAP solver (host).
+        lap_seconds: time spent in the LAP solver (host; summed over ``lap_threads``).
         laps: number of group LAPs solved (the small per-head-pair LAPs of joint moves
             are not counted).
         products: member terms computed (or changed) in full.
