@@ -337,3 +337,30 @@ def test_bad_input():
     with pytest.raises(MatchError, match="steps"):
         sinkhorn_matching(spec, a, b, steps=0)
     assert issubclass(SinkhornError, PermGraphError) and issubclass(SinkhornError, ValueError)
+
+
+def test_per_head_groups_soft_apply_in_spec_order_and_are_recovered():
+    """Per-head groups (``heads="independent"``) do not commute with the heads group: the
+    soft permutations compose in spec order, as `PermSpec.apply` does, so a permutation
+    matrix per group gives apply's result exactly and a hidden permutation is recovered."""
+    import warnings
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=50, n_positions=16)
+        ).eval()
+        ids = torch.randint(0, 50, (1, 6), generator=torch.Generator().manual_seed(0))
+        spec = permgraph.infer(model, {"input_ids": ids, "use_cache": False}, heads="independent")
+    assert len(spec.groups) > 9  # the within-head units split per head
+    a = model.state_dict()
+    hidden = spec.random_permutation(torch.Generator().manual_seed(1))
+    b = spec.apply(hidden, a)
+    eye = {g.name: torch.eye(g.size)[hidden[g.name]] for g in spec.groups}
+    soft = soft_apply(spec, eye, a)
+    assert all(torch.allclose(soft[k], b[k], atol=1e-6) for k in b if b[k].is_floating_point())
+    perm = sinkhorn_matching(spec, a, b)
+    truth = spec.inverse(hidden)
+    assert all(torch.equal(perm[g], truth[g]) for g in perm)
