@@ -7,8 +7,11 @@ no tensor can be forgotten; every node carries its shape (``meta["val"]``) and m
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import operator
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -206,8 +209,20 @@ def _export_no_grad(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[
                     dynamic_shapes: Any = None) -> ExportedProgram:
     # with grad off, a ``torch.no_grad()`` block inside forward (rotary embeddings) is a no-op
     # rather than an opaque ``wrap_with_set_grad_enabled`` sub-graph that would block its axes
-    with torch.no_grad():
-        return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    # torch prints the partial graph of a failed export to stderr (thousands of lines for a
+    # detector's data-dependent box selection); the TraceError raised for it names the cause,
+    # so that dump is dropped and everything else written meanwhile is passed on
+    captured = io.StringIO()
+    try:
+        with torch.no_grad(), contextlib.redirect_stderr(captured):
+            return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as exc:
+        dump = getattr(exc, "partial_fx_graph", None)
+        if dump is not None:
+            captured = io.StringIO(captured.getvalue().replace(f"{dump}\n", ""))
+        raise
+    finally:
+        sys.stderr.write(captured.getvalue())
 
 
 def _mutates(target: Any) -> bool:

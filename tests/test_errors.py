@@ -4,6 +4,7 @@ wrong, where, and what to do next."""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -76,6 +77,22 @@ def test_untraceable_model_gives_trace_error_with_what_to_try(model):
     assert "runs on these inputs" in msg  # it says the model itself is fine
     assert "What to try" in msg and ".item()" in msg and "control flow" in msg
     assert info.value.__cause__ is not None  # the export error is chained, not swallowed
+
+
+class PrintsThenBranches(DataDependentBranch):
+    def forward(self, x):
+        print("a message of the model's own", file=sys.stderr)
+        return super().forward(x)
+
+
+def test_a_failed_export_prints_no_partial_graph_but_keeps_other_output(capsys: pytest.CaptureFixture[str]):
+    """torch prints the partial graph of a failed export to stderr; the TraceError says why,
+    so that dump is dropped, and what else was written to stderr meanwhile still shows."""
+    with pytest.raises(TraceError):
+        permgraph.infer(PrintsThenBranches(), torch.randn(2, 4), islands=False)
+    err = capsys.readouterr().err
+    assert "def forward" not in err and "torch.ops.aten" not in err
+    assert "a message of the model's own" in err
 
 
 def test_inputs_of_the_wrong_shape_say_the_model_fails_on_them():
