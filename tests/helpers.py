@@ -7,8 +7,10 @@ with ``--import-mode=importlib``, which makes ``tests`` importable as a namespac
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,6 +29,7 @@ __all__ = [
     "M",
     "structure",
     "assert_structure",
+    "tiny_gpt2",
 ]
 
 _NORMS = (
@@ -176,3 +179,20 @@ class RunningMean(nn.Module):
         h = F.relu(self.a(x))
         self.avg.mul_(0.5).add_(0.5 * h.mean(0).detach())
         return self.b(h - self.avg)
+
+
+def tiny_gpt2(seed: int = 0, heads: str | None = None, n_layer: int = 2) -> tuple[nn.Module, dict[str, Any], PermSpec | None]:
+    """A Hugging Face GPT-2 of width 64 and 4 heads (eval mode, weights from ``seed``), its
+    example inputs, and, with ``heads`` (``"shared"`` or ``"independent"``), its spec;
+    skips the test when transformers is not installed."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    ids = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, "use_cache": False}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(n_layer=n_layer, n_embd=64, n_head=4, vocab_size=100, n_positions=32)
+        ).eval()
+        spec = None if heads is None else permgraph.infer(model, inputs, heads=heads)
+    return model, inputs, spec

@@ -5,7 +5,6 @@ alignment of two trained networks, and bad input."""
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from torch import nn
 import permgraph
 from permgraph import SpecMismatchError
 from permgraph.match import ActivationStats, MatchError, activation_matching, activation_similarity
+from tests.helpers import tiny_gpt2
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -102,15 +102,7 @@ def test_resnet18_recovers_the_hidden_permutation(calibrated_resnet18) -> None:
 def test_gpt2_recovers_heads_and_within_head_units_from_keyword_batches(heads: str) -> None:
     """Per-head groups (``heads="independent"``) permute inside whatever head the heads
     group brings: they are solved from the joint reading of A's head i and B's head p(i)."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = transformers.GPT2LMHeadModel(
-            transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32)
-        ).eval()
-        ids = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(0))
-        spec = permgraph.infer(model, {"input_ids": ids, "use_cache": False}, heads=heads)
+    model, _, spec = tiny_gpt2(heads=heads)
     assert len(spec.groups) == (9 if heads == "shared" else 21)
     other, inverse = _permuted_copy(spec, model, seed=1)
     batches = [

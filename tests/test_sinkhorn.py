@@ -24,6 +24,7 @@ from permgraph.match.sinkhorn import (
 )
 from permgraph.match.weight import similarity_matrices, weight_matching
 from permgraph.testing import ZOO
+from tests.helpers import tiny_gpt2
 from tests.test_merge_many import digits, evaluate, mlp, trained
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -343,17 +344,7 @@ def test_per_head_groups_soft_apply_in_spec_order_and_are_recovered():
     """Per-head groups (``heads="independent"``) do not commute with the heads group: the
     soft permutations compose in spec order, as `PermSpec.apply` does, so a permutation
     matrix per group gives apply's result exactly and a hidden permutation is recovered."""
-    import warnings
-
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = transformers.GPT2LMHeadModel(
-            transformers.GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=50, n_positions=16)
-        ).eval()
-        ids = torch.randint(0, 50, (1, 6), generator=torch.Generator().manual_seed(0))
-        spec = permgraph.infer(model, {"input_ids": ids, "use_cache": False}, heads="independent")
+    model, _, spec = tiny_gpt2(heads="independent", n_layer=1)
     assert len(spec.groups) > 9  # the within-head units split per head
     a = model.state_dict()
     hidden = spec.random_permutation(torch.Generator().manual_seed(1))

@@ -23,6 +23,7 @@ from permgraph import PermutationError, SpecMismatchError
 from permgraph.lap import LapError
 from permgraph.match import MatchError, WeightMatchingHistory, similarity_matrices, weight_matching
 from permgraph.testing import randomize_norm_stats
+from tests.helpers import tiny_gpt2
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -91,33 +92,16 @@ def test_vit_tiny_recovers_the_inverse() -> None:
 
 
 def test_gpt2_recovers_the_inverse() -> None:
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = transformers.GPT2LMHeadModel(
-            transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32)
-        )
-    ids = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(0))
-    spec, a, b, perm, hist = _recovery(model, {"input_ids": ids, "use_cache": False})
+    model, inputs, _ = tiny_gpt2()
+    spec, a, b, perm, hist = _recovery(model, inputs)
     assert any(g.size == 4 for g in spec.groups)  # the head groups
     _assert_recovered(spec, a, b, perm, hist)
 
 
 def _gpt2_pair(heads: str) -> tuple[permgraph.PermSpec, dict, dict]:
-    transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32)
-    models = []
-    for seed in (0, 1):
-        torch.manual_seed(seed)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            models.append(transformers.GPT2LMHeadModel(config).eval())
-    ids = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(0))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        spec = permgraph.infer(models[0], {"input_ids": ids, "use_cache": False}, heads=heads)
-    return spec, models[0].state_dict(), models[1].state_dict()
+    model_a, _, spec = tiny_gpt2(0, heads)
+    model_b, _, _ = tiny_gpt2(1)
+    return spec, model_a.state_dict(), model_b.state_dict()
 
 
 def test_per_head_groups_recover_the_inverse_and_the_objective_is_the_true_one() -> None:
