@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_map  # noqa: E402
 
 import permgraph  # noqa: E402
 from permgraph.testing import ISLAND_ZOO, randomize_norm_stats  # noqa: E402
-from permgraph.trace import tensors_in  # noqa: E402
+from permgraph.tracing import tensors_in  # noqa: E402
 
 
 def _double(x):
