@@ -33,7 +33,7 @@ changed (after the first sweeps a neighbour's new permutation moves a tenth of i
 fewer), the whole ``A_m · (B_new - B_old)ᵀ`` otherwise; the thin updates of one visit are
 concatenated into one GEMM (each alone would cost a pass over ``S_g``). Products run on the compute device;
 only the LAP runs on the host, on a float64 copy of ``-S_g``. Two visits in a row to groups
-that share no tensor are independent: the first one's LAP (of `POOL_MIN_SIZE` units or more)
+that share no tensor are independent: the first one's LAP (of 1024 units or more)
 runs in a thread while the second one's products are built (``lap_threads``), and results
 are taken in visit order, so the descent is the same step for step.
 
@@ -58,14 +58,14 @@ import torch
 from permgraph import lap as _lap
 from permgraph.errors import SpecMismatchError
 from permgraph.match._common import MatchError, check_finite, check_spec
-from permgraph.match._wm_descent import POOL_MIN_SIZE, RTOL, _Descent
+from permgraph.match._wm_descent import RTOL, _Descent
 from permgraph.match._wm_descent import run as _run
 from permgraph.match._wm_problem import CHUNK, _Problem
 from permgraph.spec import PermSpec
 
 __all__ = ["weight_matching", "WeightMatchingHistory", "similarity_matrices", "DEFAULT_MAX_MEMORY"]
 # importable from here: the benchmarks read _Problem
-_ = (RTOL, CHUNK, POOL_MIN_SIZE, _Problem)
+_ = (RTOL, CHUNK, _Problem)
 
 #: What weight matching keeps between visits by default (similarities, converted tensors).
 DEFAULT_MAX_MEMORY = 512 << 20
