@@ -93,3 +93,36 @@ def test_ste_bad_input(pair):
     once = iter(batches[:1])  # a one-shot iterator cannot be read a second time
     with pytest.raises(MatchError, match="could not be iterated again"):
         ste_matching(spec, ma, mb, once, steps=3)
+
+
+def test_ste_serves_per_head_groups():
+    """STE with one group per head (``heads="independent"``): B is A under a hidden
+    permutation, so weight matching (STE's start) recovers it and the start's score is A's
+    own loss; every candidate STE scores is a valid permutation, evaluated as ``apply``
+    composes per-head groups (a score off A's loss for the start would show a mismatch)."""
+    from tests.helpers import tiny_gpt2
+
+    model_a, inputs, spec = tiny_gpt2(0, heads="independent")
+    assert any(g.name.endswith(".h1") for g in spec.groups)
+    model_b, _, _ = tiny_gpt2(0)
+    hidden = spec.random_permutation(torch.Generator().manual_seed(3))
+    model_b.load_state_dict(spec.apply(hidden, model_a.state_dict()))
+    ids = inputs["input_ids"]
+    batches = [({"input_ids": ids, "use_cache": False}, ids[0, 1:])]
+
+    def loss_fn(out, targets):
+        return torch.nn.functional.cross_entropy(out.logits[0, :-1], targets)
+
+    perm, hist = ste_matching(spec, model_a, model_b, batches, loss_fn=loss_fn, steps=4, lr=1e-2,
+                              return_history=True)
+    spec.check_permutation(perm)
+    with torch.no_grad():
+        own = float(loss_fn(model_a(**batches[0][0]), batches[0][1]))
+    assert hist.scores[0][1] == pytest.approx(own, rel=1e-5)
+    assert min(v for _, v in hist.scores) <= own + 1e-6
+    recovered = spec.apply(perm, model_b.state_dict())
+    # the candidate kept is scored like the others: its midpoint with A has the recorded loss
+    mid = {k: 0.5 * (v + recovered[k]) if v.is_floating_point() else v for k, v in model_a.state_dict().items()}
+    with torch.no_grad():
+        got = float(loss_fn(torch.func.functional_call(model_a, mid, (), batches[0][0], tie_weights=False), batches[0][1]))
+    assert got == pytest.approx(min(v for _, v in hist.scores), rel=1e-5)
