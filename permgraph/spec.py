@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from permgraph.errors import PermutationError, SpecMismatchError
-from permgraph.layout import Layout, compose_index
+from permgraph.layout import Layout, at_axis, at_slice, compose_index
 
 __all__ = ["Layout", "Member", "Group", "Unsupported", "PermSpec", "Permutation"]
 
@@ -293,13 +293,10 @@ class PermSpec:
         for at in dict.fromkeys(m.at for _, m, _ in entries if m.at):
             if t is tensor:
                 t = t.clone()
-            view = t
-            for a, i in reversed(at):  # the last axis first: the earlier ones keep their number
-                view = view.select(a, i)
+            view = at_slice(t, at)
             sub = view
             for axis in sorted({m.axis for _, m, _ in entries if m.at == at}):
-                idx = self.axis_index(key, axis, perm, at=at)
-                sub = sub.index_select(axis - sum(a < axis for a, _ in at), idx.to(t.device))
+                sub = sub.index_select(at_axis(axis, at), self.axis_index(key, axis, perm, at=at).to(t.device))
             view.copy_(sub)
         return t
 
