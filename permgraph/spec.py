@@ -380,11 +380,10 @@ class PermSpec:
                 seen.add(m)
                 by_axis.setdefault((m.key, m.axis, m.at), []).append((g, m))
                 if m.at:
-                    first = slicer.setdefault(m.key, (g, m))[1]
+                    h, first = slicer.setdefault(m.key, (g, m))
                     if [a for a, _ in m.at] != [a for a, _ in first.at]:
                         problems.append(f"group {g.name!r}: {m} slices {m.key} along other axes than {first} "
-                                        f"(group {slicer[m.key][0].name!r}): the members of one tensor slice it "
-                                        "along the same axes")
+                                        f"(group {h.name!r}): the members of one tensor slice it along the same axes")
         for (key, axis, _), ms in by_axis.items():
             if key not in slicer:
                 continue

@@ -50,6 +50,11 @@ def _places(m: Member, slices: Mapping[str, list[At]]) -> list[tuple[Key, int]]:
     return [((m.key, at), at_axis(m.axis, at)) for at in cuts if set(m.at) <= set(at)]
 
 
+def _name(key: Key) -> str:
+    """The state_dict key of a (sub-)tensor's `Key`."""
+    return key[0] if isinstance(key, tuple) else key
+
+
 class _Sliced(Mapping):
     """A state_dict read by `Key`: ``(key, at)`` is a view of the slice ``at`` of ``key``."""
 
@@ -58,10 +63,8 @@ class _Sliced(Mapping):
         self._keys = keys
 
     def __getitem__(self, key: Key) -> torch.Tensor:
-        if isinstance(key, str):
-            return self.state[key]
-        name, at = key
-        return at_slice(self.state[name], at)
+        t = self.state[_name(key)]
+        return at_slice(t, key[1]) if isinstance(key, tuple) else t
 
     def __iter__(self) -> Iterator[Key]:
         return iter(self._keys)
@@ -134,16 +137,16 @@ class _Problem:
                     self.on_axis.setdefault(key, {}).setdefault(axis, []).append((gi, m.layout.positions(g.size)))
         self.keys = list(self.on_axis)
         cut = {key: {a for a, _ in ats[0]} for key, ats in slices.items()}
-        self.shapes = {k: tuple(n for a, n in enumerate(spec.shapes[k[0]]) if a not in cut[k[0]])
-                       if isinstance(k, tuple) else tuple(spec.shapes[k]) for k in self.keys}
-        names = list(dict.fromkeys(k[0] if isinstance(k, tuple) else k for k in self.keys))
+        self.shapes = {k: tuple(n for a, n in enumerate(spec.shapes[_name(k)]) if a not in cut.get(_name(k), ()))
+                       for k in self.keys}
+        names = list(dict.fromkeys(map(_name, self.keys)))
         self.device = torch.device(device) if device is not None else (
             state_a[names[0]].device if names else torch.device("cpu"))
         stored = {}
         for name in names:
             ta, tb = state_a[name], state_b[name]
             stored[name] = dtype or torch.promote_types(torch.promote_types(ta.dtype, tb.dtype), torch.float32)
-        dtypes = {k: stored[k[0] if isinstance(k, tuple) else k] for k in self.keys}
+        dtypes = {k: stored[_name(k)] for k in self.keys}
         self.a = Weights(_Sliced(state_a, self.keys), dtypes, self.device)
         self.b = Weights(_Sliced(state_b, self.keys), dtypes, self.device)
         n_groups = len(spec.groups)
