@@ -209,6 +209,9 @@ def test_weight_matching_and_writing_stream_from_checkpoints(tmp_path: Path) -> 
     for name, sd in (("a", a), ("b", b)):
         save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / f"{name}.safetensors")
     ca, cb = open_checkpoint(tmp_path / "a.safetensors"), open_checkpoint(tmp_path / "b.safetensors")
+    # a slice is read alone from the file, and is the slice of the whole tensor
+    assert torch.equal(ca.read_slice("down", ((0, 2),)), a["down"][2])
+    assert torch.equal(ca.read_slice("up", ((0, 1), (2, 3))), a["up"][1, :, 3])
     perm = weight_matching(spec, ca, cb)
     assert _equal(perm, weight_matching(spec, a, b))
     entries = [(k, cb.dtype(k), cb.shape(k)) for k in cb.stored_keys]

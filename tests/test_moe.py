@@ -240,7 +240,7 @@ class FallbackExperts(nn.Module):
     """Stacked experts in Hugging Face's layout (``up`` ``[E, 2I, H]``: gate rows, then up
     rows; ``down`` ``[E, H, I]``), run with its grouped-mm fallback on tokens sorted by expert,
     in float64. ``mix`` adds one step between the two products: ``"rows"`` adds the rows in
-    reverse order (mixing experts), ``"mean"`` subtracts the mean over rows, ``"bias"`` adds a
+    reverse order (mixing experts; inputs of 12 tokens), ``"mean"`` subtracts the mean over rows, ``"bias"`` adds a
     bias shared by every expert. Each breaks the per-expert symmetry, not the shared one."""
 
     def __init__(self, mix: str = "", d: int = 8, hidden: int = 6, experts: int = 3) -> None:
@@ -252,6 +252,7 @@ class FallbackExperts(nn.Module):
         self.down = nn.Parameter(torch.randn(experts, d, hidden) / hidden**0.5)
         if mix == "bias":
             self.bias = nn.Parameter(torch.randn(hidden))
+        self.register_buffer("reverse", torch.arange(11, -1, -1), persistent=False)  # 12 rows, last first
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         grouped = _grouped_fallback()
@@ -261,7 +262,7 @@ class FallbackExperts(nn.Module):
         gate, up = grouped(h[order], self.up.transpose(-2, -1), offs).chunk(2, dim=-1)
         y = F.silu(gate) * up
         if self.mix == "rows":
-            y = y + y.flip(0)
+            y = y + y[self.reverse]
         elif self.mix == "mean":
             y = y - y.mean(0, keepdim=True)
         elif self.mix == "bias":
@@ -282,14 +283,16 @@ def _experts_input(model: FallbackExperts) -> torch.Tensor:
 
 
 def _per_expert(group: permgraph.Group, n: int, swap_down: bool = False) -> tuple[permgraph.Group, ...]:
-    """``group`` split by hand into one group per expert (``swap_down``: expert 0's and 1's
-    ``down`` slices exchanged, a wrong spec)."""
+    """``group`` split by hand into one group per expert, its stacked members only (a shared
+    bias has no expert slice; ``swap_down``: expert 0's and 1's ``down`` slices exchanged, a
+    wrong spec)."""
     def at(m: Member, e: int) -> tuple[tuple[int, int], ...]:
         if swap_down and m.key == "down" and e < 2:
             e = 1 - e
         return ((0, e),)
     return tuple(permgraph.Group(f"{group.name}.e{e}", group.size,
-                                 tuple(dataclasses.replace(m, at=at(m, e)) for m in group.members)) for e in range(n))
+                                 tuple(dataclasses.replace(m, at=at(m, e)) for m in group.members if m.key in ("up", "down")))
+                 for e in range(n))
 
 
 def test_stacked_experts_get_one_group_per_expert() -> None:
@@ -305,7 +308,7 @@ def test_stacked_experts_get_one_group_per_expert() -> None:
     for e, g in enumerate(mine):  # the shared group's members, each in its expert's slice
         assert g.members == tuple(dataclasses.replace(m, at=((0, e),)) for m in hidden.members)
     assert len(spec.groups) == len(shared.groups) + 2
-    assert [g.name for g in spec.groups if g not in mine] == [g.name for g in shared.groups if g is not hidden]
+    assert [(g.size, g.members) for g in spec.groups if g not in mine] == [(g.size, g.members) for g in shared.groups if g is not hidden]
     assert max(_sound(spec, model, x)) < 1e-12
     # negative control: two experts' down slices exchanged
     wrong = dataclasses.replace(spec, groups=_per_expert(hidden, 3, swap_down=True))
@@ -351,10 +354,33 @@ def test_hf_moe_experts_independent(family: str, monkeypatch: pytest.MonkeyPatch
     assert len(spec.groups) == len(shared.groups) + 3 * len(stacked) >= floor + 6
     assert max(_sound(spec, model, ids)) < 1e-4
     # negative control: layer 0's experts 0 and 1 swap their down_proj slices
-    e0, e1 = (next(g for g in spec.groups if g.name.endswith(f"experts.gate_up_proj.e{e}") and stacked[0].split(".mlp")[0] in g.name)
-              for e in (0, 1))
+    e0, e1 = (next(g for g in spec.groups if Member(stacked[0], 2, Layout(), ((0, e),)) in g.members) for e in (0, 1))
     swap = {e0.name: e1.name, e1.name: e0.name}
     groups = tuple(dataclasses.replace(g, members=tuple(dataclasses.replace(m, at=((0, 1 - m.at[0][1]),)) if m.key == stacked[0] else m
                                                         for m in g.members)) if g.name in swap else g for g in spec.groups)
     with pytest.raises(VerificationError):
         dataclasses.replace(spec, groups=groups).verify(model, ids, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_weight_matching_recovers_per_expert_permutations(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hidden permutation of every group of a tiny Mixtral, each expert its own, is undone
+    by weight matching exactly."""
+    transformers = pytest.importorskip("transformers")
+    moe = pytest.importorskip("transformers.integrations.moe")
+    monkeypatch.setattr(moe, "_can_use_grouped_mm", lambda *a, **k: False)
+    from permgraph.match import weight_matching
+
+    cfg_cls, model_cls, kw, _ = _FAMILIES["mixtral"]
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**_COMMON, **kw)).double().eval()
+    ids = {"input_ids": torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0)), "use_cache": False}
+    spec = permgraph.infer(model, ids, experts="independent")
+    a = model.state_dict()
+    hidden = spec.random_permutation(torch.Generator().manual_seed(1))
+    b = spec.apply(hidden, a)
+    perm = weight_matching(spec, a, b)
+    aligned = spec.apply(perm, b)
+    assert all(torch.equal(aligned[k], a[k]) for k in a)
+    experts = [g.name for g in spec.groups if g.members[0].at]
+    assert len(experts) == 8 and any(not torch.equal(hidden[n], torch.arange(len(hidden[n]))) for n in experts)
