@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from permgraph.errors import InferArgumentError, TraceError, UnsupportedOpError
+from permgraph.experts import EXPERT_MODES, find_expert_splits
 from permgraph.graph import build_graph, module_path
 from permgraph.heads import HEAD_MODES, find_splits, occurrences, split_layouts
 from permgraph.islands import infer_islands
@@ -277,7 +278,7 @@ def _occurrences(t: Leaf | Tree, offset: int, scale: int, repeats: tuple[tuple[i
 
 
 def _build_spec(traced: Traced, s: _Solver, unsupported: list[Unsupported],
-                heads: str = "shared") -> tuple[PermSpec, dict[Any, str], dict[int, int]]:
+                heads: str = "shared", experts: str = "shared") -> tuple[PermSpec, dict[Any, str], dict[int, int]]:
     order = {k: i for i, k in enumerate(traced.state_shapes)}
     found: dict[Any, list[Member]] = {}
     parents: dict[Any, set[int]] = {}
@@ -320,6 +321,15 @@ def _build_spec(traced: Traced, s: _Solver, unsupported: list[Unsupported],
                 for k in per_head:
                     parents[k] = parents.get(r, set()) | {index}
                 del found[r]
+    if experts == "independent":
+        stacked = [r for r, ms in found.items() if not isinstance(r, tuple)
+                   and any(len(traced.state_shapes[m.key]) >= 3 for m in ms)]
+        for r, n in find_expert_splits(traced, s, stacked).items():
+            # expert e's units: its shared group's members, in slice e of the stack (dim 0)
+            for e in range(n):
+                found[(r, e, "expert")] = [Member(m.key, m.axis, m.layout, at=((0, e),)) for m in found[r]]
+                parents[(r, e, "expert")] = parents.get(r, set())
+            del found[r]
     ranked = []
     for root, members in found.items():
         members.sort(key=lambda m: (order.get(m.key, 1 << 30), m.axis, m.layout.offset))
@@ -398,7 +408,7 @@ class Analysis:
 
 
 def analyze(model: torch.nn.Module, example_inputs: Any = None, *, strict: bool = False,
-            heads: str = "shared") -> Analysis:
+            heads: str = "shared", experts: str = "shared") -> Analysis:
     """`infer`, keeping what the groups were derived from: the traced program and the graph.
 
     Args and Raises: as `infer`.
@@ -418,10 +428,12 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None, *, strict: bool 
         return _run_rules(model)[:2]  # type: ignore[return-value]
     if heads not in HEAD_MODES:
         raise InferArgumentError(f"infer(heads={heads!r}): expected one of {', '.join(map(repr, HEAD_MODES))}")
+    if experts not in EXPERT_MODES:
+        raise InferArgumentError(f"infer(experts={experts!r}): expected one of {', '.join(map(repr, EXPERT_MODES))}")
     traced = trace(model, example_inputs)
     t0 = time.perf_counter()
     s, unsupported, conflicts = _run_rules(traced)
-    spec, roots, splits = _build_spec(traced, s, unsupported, heads)
+    spec, roots, splits = _build_spec(traced, s, unsupported, heads, experts)
     graph = build_graph(traced)
     _annotate(graph, traced, s, roots, splits)
     traced.extra["rules_seconds"] = time.perf_counter() - t0
@@ -437,7 +449,7 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None, *, strict: bool 
 
 
 def infer(model: torch.nn.Module, example_inputs: Any, *, strict: bool = False, islands: bool = True,
-          heads: str = "shared") -> PermSpec:
+          heads: str = "shared", experts: str = "shared") -> PermSpec:
     """Find every group of hidden units of ``model`` that can be reordered without changing
     what it computes.
 
@@ -454,6 +466,13 @@ def infer(model: torch.nn.Module, example_inputs: Any, *, strict: bool = False, 
             by every head. ``"independent"``: each head's units are a group of its own
             (``....qk.h3``) wherever every op on them is proven to act head by head, else
             they stay shared (see "Per-head units" in the docs).
+        experts: ``"shared"`` (default): the hidden units of experts stacked in one weight
+            (``[E, 2I, H]``, run as grouped products) are one group shared by every expert.
+            ``"independent"``: each expert's units are a group of its own (``....e3``, members
+            restricted to the expert's slice: `permgraph.spec.Member` ``at``) wherever the
+            proof of `permgraph.experts` holds, else they stay shared. Weight matching,
+            Sinkhorn and ``apply`` serve such groups; activation matching and REPAIR do not
+            (see "Experts" in the docs).
 
     Returns:
         The `PermSpec`. ``spec.analysis`` holds the `Analysis` (traced program and networkx
@@ -475,8 +494,9 @@ def infer(model: torch.nn.Module, example_inputs: Any, *, strict: bool = False, 
         True
     """
     try:
-        return analyze(model, example_inputs, strict=strict, heads=heads).spec
+        return analyze(model, example_inputs, strict=strict, heads=heads, experts=experts).spec
     except TraceError as exc:
         if not islands:
             raise
-        return infer_islands(model, example_inputs, exc, lambda m, x: infer(m, x, strict=strict, islands=False, heads=heads))
+        return infer_islands(model, example_inputs, exc,
+                             lambda m, x: infer(m, x, strict=strict, islands=False, heads=heads, experts=experts))

@@ -37,6 +37,7 @@ import torch
 
 from permgraph._format import DTYPE_CODES, SAFE_INDEX, TORCH_INDEX, itemsize
 from permgraph.errors import FileError, FileFormatError, PermGraphError, SpecMismatchError
+from permgraph.layout import at_slice
 from permgraph.writer import write_checkpoint
 
 __all__ = ["Checkpoint", "open_checkpoint", "build_model", "example_inputs", "tied_aliases", "write_checkpoint",
@@ -123,6 +124,20 @@ class Checkpoint(Mapping):
             raise KeyError(key)
         h = self._handles[self._where[stored]]
         return h[stored] if isinstance(h, dict) else h.get_tensor(stored)
+
+    def read_slice(self, key: str, at: tuple[tuple[int, int], ...]) -> torch.Tensor:
+        """``self[key]`` at the slice ``at`` (`permgraph.spec.Member` ``at``), reading only
+        that slice from a safetensors file (one expert of a stacked tensor, not all)."""
+        stored = self.aliases.get(key, key)
+        if stored not in self._where:
+            raise KeyError(key)
+        h = self._handles[self._where[stored]]
+        if isinstance(h, dict):
+            return at_slice(h[stored], at)
+        picks = dict(at)
+        index = tuple(slice(picks[d], picks[d] + 1) if d in picks else slice(None)
+                      for d in range(max(picks) + 1))
+        return h.get_slice(stored)[index].squeeze(tuple(picks))
 
     def __iter__(self) -> Iterator[str]:
         yield from self._where

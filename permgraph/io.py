@@ -115,7 +115,7 @@ def _members(spec: PermSpec) -> list[dict[str, Any]]:
             "name": g.name,
             "size": g.size,
             "members": [[m.key, m.axis, m.layout.offset, m.layout.block, [list(r) for r in m.layout.repeats]]
-                        for m in g.members],
+                        + ([[list(p) for p in m.at]] if m.at else []) for m in g.members],
         }
         for g in spec.groups
     ]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from permgraph.errors import IslandsWarning, TraceError
-from permgraph.spec import Group, Member, PermSpec, Unsupported
+from permgraph.spec import Group, PermSpec, Unsupported
 from permgraph.tracing import as_args, module_modes, restore_modes
 
 __all__ = ["infer_islands"]
@@ -170,7 +171,7 @@ def _unwrap(name: str) -> str:
 def _rekey(spec: PermSpec, key: Callable[[str], str]) -> PermSpec:
     """``spec`` with every state_dict key, group name and module path mapped through ``key``."""
     groups = tuple(Group(key(g.name), g.size,
-                         tuple(Member(key(m.key), m.axis, m.layout) for m in g.members), g.why) for g in spec.groups)
+                         tuple(replace(m, key=key(m.key)) for m in g.members), g.why) for g in spec.groups)
     unsupported = tuple(Unsupported(u.node, u.op, key(u.module), u.reason) for u in spec.unsupported)
     return PermSpec(groups, unsupported, {key(k): v for k, v in spec.shapes.items()})
 
@@ -269,7 +270,6 @@ def _merge(model, islands, failed, rec: _Recorder, calls) -> PermSpec:
         outside: list[str] = []
         for g in spec.groups:
             members = list(g.members)
-            keys = {m.key for m in members}
             bad = False
             for m in g.members:
                 t = state[m.key]
@@ -277,9 +277,9 @@ def _merge(model, islands, failed, rec: _Recorder, calls) -> PermSpec:
                     bad = True
                     outside.append(m.key)
                 for k in aliases.get(id(t), ()):
-                    if k not in keys:  # the same tensor under another key moves with it
-                        keys.add(k)
-                        members.append(Member(k, m.axis, m.layout))
+                    twin = replace(m, key=k)
+                    if twin not in members:  # the same tensor under another key moves with it
+                        members.append(twin)
             if not bad:
                 members.sort(key=lambda m: (order.get(m.key, 1 << 30), m.axis, m.layout.offset))
                 groups.append(Group(g.name, g.size, tuple(members), g.why))

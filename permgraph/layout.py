@@ -1,5 +1,6 @@
 """Where a group's units sit along one axis (`Layout`), and how the permutations of the
-groups sharing an axis compose into one gather index (`compose_index`).
+groups sharing an axis compose into one gather index (`compose_index`); the slice a member
+with an ``at`` covers (`at_slice`, `at_axis`).
 
 Both are plain data and arithmetic on positions: the spec, the matchers and the file
 functions import them from here.
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Layout", "compose_index"]
+__all__ = ["Layout", "compose_index", "at_slice", "at_axis"]
 
 
 @dataclass(frozen=True)
@@ -73,3 +74,16 @@ def compose_index(size: int, parts: Iterable[tuple[torch.Tensor, torch.Tensor]])
         src = pos.index_select(-2, p.to(pos.device).long())
         idx[pos.reshape(-1)] = idx[src.reshape(-1)]
     return idx
+
+
+def at_slice(t: torch.Tensor, at: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """The view of ``t`` where each axis of ``at`` (``(axis, index)`` pairs, sorted by axis:
+    `permgraph.spec.Member` ``at``) takes its index; its axes are numbered by `at_axis`."""
+    for a, i in reversed(at):  # the last axis first: the earlier ones keep their number
+        t = t.select(a, i)
+    return t
+
+
+def at_axis(axis: int, at: tuple[tuple[int, int], ...]) -> int:
+    """Axis ``axis`` of a tensor as numbered in its slice `at_slice` (``axis`` not in ``at``)."""
+    return axis - sum(a < axis for a, _ in at)

@@ -189,8 +189,8 @@ def group_names(traced, s, ranked: list[tuple[Any, list]], splits: dict[int, int
             if not module and not (attn and not ran.get(find(r)) - {""}):
                 module = base_name(members[0].key)  # no module in common: the first member's
             name = f"{module}.{role}" if module else role
-        if isinstance(root, tuple):
-            name += f".h{root[1]}"
+        if isinstance(root, tuple):  # (root, head) or (root, expert, "expert")
+            name += f".{'e' if len(root) > 2 else 'h'}{root[1]}"
         used[name] = used.get(name, 0) + 1
         names[root] = name if used[name] == 1 else f"{name}#{used[name]}"
     return names

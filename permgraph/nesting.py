@@ -8,7 +8,8 @@ inside head 0, then moving heads. `PermSpec.apply` applies the groups of an axis
 order; a spec is *nested* when, on every axis, each group's units (as sets of positions) are
 kept by every group after it (outer groups first: heads, then the units in each head). Then
 any product of the groups' permutations decomposes back into one permutation per group,
-read off outer group first, and inverse and composition are exact.
+read off outer group first, and inverse and composition are exact. Members on one slice of
+a tensor (``Member.at``) form an axis of their own: the slice's axis.
 """
 
 from __future__ import annotations
@@ -18,16 +19,21 @@ from collections.abc import Mapping
 
 import torch
 
+from permgraph.spec import Member
+
 __all__ = ["is_nested", "decompose", "inverse", "compose", "order_problem"]
 
 _CACHE: dict[int, tuple[weakref.ref, bool]] = {}
 
 
-def _by_axis(spec) -> dict[tuple[str, int], list[tuple[int, torch.Tensor]]]:
-    out: dict[tuple[str, int], list[tuple[int, torch.Tensor]]] = {}
+Axis = tuple[str, int, tuple[tuple[int, int], ...]]  # (key, axis, at): an axis of a tensor or of one slice
+
+
+def _by_axis(spec) -> dict[Axis, list[tuple[int, torch.Tensor]]]:
+    out: dict[Axis, list[tuple[int, torch.Tensor]]] = {}
     for gi, g in enumerate(spec.groups):
         for m in g.members:
-            out.setdefault((m.key, m.axis), []).append((gi, m.layout.positions(g.size)))
+            out.setdefault((m.key, m.axis, m.at), []).append((gi, m.layout.positions(g.size)))
     return out
 
 
@@ -70,7 +76,7 @@ def is_nested(spec) -> bool:
     if hit is not None and hit[0]() is spec:
         return hit[1]
     found = False
-    for (key, axis), parts in _by_axis(spec).items():
+    for (key, axis, _), parts in _by_axis(spec).items():
         if len(parts) > 1:
             count = torch.zeros(spec.shapes[key][axis], dtype=torch.int64)
             for _, pos in parts:
@@ -82,7 +88,7 @@ def is_nested(spec) -> bool:
     return found
 
 
-def _rebuild(spec, totals: Mapping[tuple[str, int], torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+def _rebuild(spec, totals: Mapping[Axis, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
     from permgraph.errors import PermutationError
 
     axes = _by_axis(spec)
@@ -90,24 +96,26 @@ def _rebuild(spec, totals: Mapping[tuple[str, int], torch.Tensor], what: str) ->
     for g in spec.groups:
         if g.name in out:
             continue
-        key, axis = g.members[0].key, g.members[0].axis
-        got = decompose(spec.shapes[key][axis], axes[(key, axis)], totals[(key, axis)])
+        m = g.members[0]
+        where = (m.key, m.axis, m.at)
+        got = decompose(spec.shapes[m.key][m.axis], axes[where], totals[where])
         if got is None:
-            raise PermutationError(f"{what}: the groups on {key}[{axis}] are not nested (outer groups first); "
+            raise PermutationError(f"{what}: the groups on {Member(m.key, m.axis, at=m.at)} are not nested (outer groups first); "
                                    "run spec.lint() to see which")
         for gj, p in got.items():
             out.setdefault(spec.groups[gj].name, p)
     return out
 
 
-def _totals(spec, fn) -> dict[tuple[str, int], torch.Tensor]:
-    return {(g.members[0].key, g.members[0].axis): fn(g.members[0].key, g.members[0].axis) for g in spec.groups}
+def _totals(spec, fn) -> dict[Axis, torch.Tensor]:
+    firsts = (g.members[0] for g in spec.groups)
+    return {(m.key, m.axis, m.at): fn(m.key, m.axis, m.at) for m in firsts}
 
 
 def inverse(spec, perm: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``q`` with ``apply(q, apply(perm, sd)) == sd`` for a nested spec."""
-    def total(key, axis):
-        return torch.argsort(spec.axis_index(key, axis, perm))
+    def total(key, axis, at):
+        return torch.argsort(spec.axis_index(key, axis, perm, at=at))
 
     out = _rebuild(spec, _totals(spec, total), "inverse")
     return {k: v.to(perm[k].device) for k, v in out.items()}
@@ -115,16 +123,16 @@ def inverse(spec, perm: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def compose(spec, first: Mapping[str, torch.Tensor], then: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The permutation equal to applying ``first``, then ``then``, for a nested spec."""
-    def total(key, axis):
-        return spec.axis_index(key, axis, first)[spec.axis_index(key, axis, then)]
+    def total(key, axis, at):
+        return spec.axis_index(key, axis, first, at=at)[spec.axis_index(key, axis, then, at=at)]
 
     out = _rebuild(spec, _totals(spec, total), "compose")
     return {k: v.to(first[k].device) for k, v in out.items()}
 
 
-def order_problem(spec, key: str, axis: int) -> bool:
-    """Whether the groups on ``key[axis]`` fail to be nested (for `PermSpec.lint`)."""
-    parts = _by_axis(spec)[(key, axis)]
+def order_problem(spec, key: str, axis: int, at: tuple[tuple[int, int], ...] = ()) -> bool:
+    """Whether the groups on ``key[axis]`` (of the slice ``at``) fail to be nested (for `PermSpec.lint`)."""
+    parts = _by_axis(spec)[(key, axis, at)]
     gen = torch.Generator().manual_seed(1)
     perm = [torch.randperm(g.size, generator=gen) for g in spec.groups]
     n = spec.shapes[key][axis]

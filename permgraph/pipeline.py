@@ -93,18 +93,8 @@ def architecture(
 def permuted(spec: PermSpec, perm: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> Callable[[str], torch.Tensor]:
     """``key -> state[key]`` permuted by ``perm``, one tensor at a time (as `PermSpec.apply`
     does for a whole state_dict: the same gathers, bit-exact)."""
-    axes: dict[str, list[int]] = {}
-    for g in spec.groups:
-        for m in g.members:
-            if m.axis not in axes.setdefault(m.key, []):
-                axes[m.key].append(m.axis)
-
     def produce(key: str) -> torch.Tensor:
-        t = state[key]
-        for axis in sorted(axes.get(key, ())):
-            idx = spec.axis_index(key, axis, perm)
-            t = t.index_select(axis, idx.to(t.device))
-        return t
+        return spec.apply_tensor(perm, key, state[key])
 
     return produce
 

@@ -23,7 +23,7 @@ from torch import nn
 from permgraph import distributed as _dist
 from permgraph.errors import MergeError
 from permgraph.merge import check_alpha, no_batches
-from permgraph.runner import device_of, runner_for
+from permgraph.runner import check_unsliced, device_of, runner_for
 from permgraph.spec import PermSpec
 
 __all__ = ["repair", "RepairReport", "Correction", "AFFINE_OPS"]
@@ -359,6 +359,7 @@ def repair(
     group = _dist.resolve_group(process_group)
     try:
         a_ = check_alpha(alpha)
+        check_unsliced(spec, "repair", MergeError)
         states = {}
         for what, m in (("model_a", model_a), ("model_b", model_b), ("model_interp", model_interp)):
             sd = m.state_dict()

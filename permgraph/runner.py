@@ -289,6 +289,21 @@ _END = object()
 _RUNNERS: weakref.WeakKeyDictionary[torch.nn.Module, Runner] = weakref.WeakKeyDictionary()
 
 
+def check_unsliced(spec: Any, what: str, error: type[PermGraphError]) -> None:
+    """Raise ``error`` if a group of ``spec`` has a member on one slice of a tensor
+    (`permgraph.spec.Member` ``at``: one expert's units in a stacked mixture-of-experts tensor):
+    ``what`` reads each group's units off the activations, and those units are no axis of any."""
+    for g in spec.groups:
+        m = next((m for m in g.members if m.at), None)
+        if m is not None:
+            raise error(
+                f"{what} reads each group's units off the activations, but group {g.name!r} permutes units inside "
+                f"one slice of a stacked tensor ({m}), and those are no axis of any activation. Align such a model "
+                "with weight_matching, or infer the spec with infer(..., experts=\"shared\") (one group for the "
+                "units of every expert)"
+            )
+
+
 def runner_for(model: torch.nn.Module) -> Runner:
     """The `Runner` of ``model`` (made once, dropped with the model)."""
     runner = _RUNNERS.get(model)

@@ -8,6 +8,13 @@ in one axis of one state_dict tensor (its `Layout`): unit ``u`` occupies positio
 of a concatenation has an ``offset``; within-head units shared by every head are repeated
 ``H`` times every head width (``repeats=((H, D),)``).
 
+A member may cover one slice of its tensor only (``at``): the stacked experts of a
+mixture-of-experts layer are one tensor ``[E, 2I, H]``, and each expert ``e`` permutes its own
+``I`` hidden units, so its group's members are ``Member(key, 1, layout, at=((0, e),))``: the
+units sit along axis 1 (of the full tensor) of the slice ``t[e]``. An axis that picks a slice
+is never permuted itself, and on one axis the positions of slice members and of whole-tensor
+members are disjoint, so the two kinds commute.
+
 A permutation is a dict ``group name -> int64 tensor p`` meaning "new unit ``u`` is old unit
 ``p[u]``", so ``spec.apply(p, state_b)`` gathers ``W[p]`` along every member axis.
 """
@@ -25,7 +32,7 @@ from typing import Any
 import torch
 
 from permgraph.errors import PermutationError, SpecMismatchError
-from permgraph.layout import Layout, compose_index
+from permgraph.layout import Layout, at_axis, at_slice, compose_index
 
 __all__ = ["Layout", "Member", "Group", "Unsupported", "PermSpec", "Permutation"]
 
@@ -35,15 +42,28 @@ FORMAT_VERSION = 1
 
 @dataclass(frozen=True)
 class Member:
-    """One axis of one state_dict tensor that a group permutes."""
+    """One axis of one state_dict tensor (or of one slice of it) that a group permutes.
+
+    Attributes:
+        key: the state_dict key.
+        axis: the axis the units sit along (an axis of the full tensor, also with ``at``).
+        layout: where the units sit along it.
+        at: ``(axis, index)`` pairs, sorted by axis: the member covers only the slice of the
+            tensor where each of those axes takes its index (``at=((0, e),)``: expert ``e`` of
+            a stacked ``[E, ...]`` tensor). ``()``: the whole tensor.
+    """
 
     key: str
     axis: int
     layout: Layout = Layout()
+    at: tuple[tuple[int, int], ...] = ()
 
     def __str__(self) -> str:
         lay = str(self.layout)
-        return f"{self.key}[{self.axis}]" + ("" if lay == "whole axis" else f" ({lay})")
+        parts = [] if lay == "whole axis" else [lay]
+        if self.at:
+            parts.append("at " + ", ".join(f"[{a}]={i}" for a, i in self.at))
+        return f"{self.key}[{self.axis}]" + (f" ({'; '.join(parts)})" if parts else "")
 
 
 @dataclass(frozen=True)
@@ -255,16 +275,37 @@ class PermSpec:
                     self._index_cache.setdefault(m.key, []).append((gi, m, pos))
         return self._index_cache.get(key, [])
 
-    def axis_index(self, key: str, axis: int, perm: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
-        """The gather index that ``perm`` applies along ``axis`` of ``key`` (None if none)."""
-        return compose_index(self.shapes[key][axis], ((pos, perm[self.groups[gi].name])
-                                                      for gi, m, pos in self._indices(key) if m.axis == axis))
+    def axis_index(self, key: str, axis: int, perm: Mapping[str, torch.Tensor], *,
+                   at: tuple[tuple[int, int], ...] = ()) -> torch.Tensor | None:
+        """The gather index that ``perm`` applies along ``axis`` of ``key`` (None if none):
+        of the whole-tensor members, or with ``at``, of the members on that slice (see `Member`)."""
+        return compose_index(self.shapes[key][axis], ((pos, perm[self.groups[gi].name]) for gi, m, pos in
+                                                      self._indices(key) if m.axis == axis and m.at == at))
+
+    def apply_tensor(self, perm: Mapping[str, torch.Tensor], key: str, tensor: torch.Tensor) -> torch.Tensor:
+        """The tensor ``key`` of a state_dict permuted as `apply` does (out of place; for
+        streaming one tensor at a time): the whole-tensor gathers, then, slice by slice, those
+        of the members with an ``at``."""
+        entries = self._indices(key)
+        t = tensor
+        for axis in sorted({m.axis for _, m, _ in entries if not m.at}):
+            t = t.index_select(axis, self.axis_index(key, axis, perm).to(t.device))
+        for at in dict.fromkeys(m.at for _, m, _ in entries if m.at):
+            if t is tensor:
+                t = t.clone()
+            view = at_slice(t, at)
+            sub = view
+            for axis in sorted({m.axis for _, m, _ in entries if m.at == at}):
+                sub = sub.index_select(at_axis(axis, at), self.axis_index(key, axis, perm, at=at).to(t.device))
+            view.copy_(sub)
+        return t
 
     def apply(self, perm: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor], *, check: bool = True) -> dict[str, torch.Tensor]:
         """Permute a state_dict: a new dict, the input untouched.
 
         Tensors in no group pass through as they are; every member axis is gathered with its
-        group's permutation (new unit ``u`` = old unit ``perm[u]``). Entries that are not
+        group's permutation (new unit ``u`` = old unit ``perm[u]``), on the member's slice
+        for a member with an ``at`` (see `apply_tensor`). Entries that are not
         tensors (extra state) pass through, and so does the state_dict's ``_metadata`` (the
         per-module versions ``load_state_dict`` reads), so the result loads like the input.
 
@@ -289,11 +330,7 @@ class PermSpec:
             out._metadata = copy.deepcopy(meta)  # type: ignore[attr-defined]
         keys = {m.key for g in self.groups for m in g.members}
         for key in keys:
-            t = state_dict[key]
-            for axis in sorted({m.axis for _, m, _ in self._indices(key)}):
-                idx = self.axis_index(key, axis, perm)
-                t = t.index_select(axis, idx.to(t.device))
-            out[key] = t
+            out[key] = self.apply_tensor(perm, key, state_dict[key])
         return out
 
     # -- checks ------------------------------------------------------------------------
@@ -301,7 +338,10 @@ class PermSpec:
         """Check the structure: names unique, members in range and of one size per group,
         no member twice, and the groups acting on one axis commute (they permute disjoint
         segments or independent factors) or nest, outer groups first (whole heads, then the
-        units inside each head: see `permgraph.nesting`).
+        units inside each head: see `permgraph.nesting`). Members with an ``at`` (see
+        `Member`): the slice is in range and picked along other axes than the member's, the
+        members of one tensor slice it along the same axes, no member permutes such an axis,
+        and on one axis the slices' positions are disjoint from the whole-tensor members'.
 
         Raises:
             SpecMismatchError: listing every problem found.
@@ -309,8 +349,9 @@ class PermSpec:
         problems: list[str] = []
         names = Counter(self.names)
         problems += [f"group name {n!r} used {c} times" for n, c in names.items() if c > 1]
-        seen: set[tuple[str, int, Layout]] = set()
-        by_axis: dict[tuple[str, int], list[tuple[Group, Member]]] = {}
+        seen: set[Member] = set()
+        by_axis: dict[tuple[str, int, tuple[tuple[int, int], ...]], list[tuple[Group, Member]]] = {}
+        slicer: dict[str, tuple[Group, Member]] = {}  # the first member with an ``at`` of each tensor
         for g in self.groups:
             if g.size < 2:
                 problems.append(f"group {g.name!r} has {g.size} unit(s)")
@@ -327,25 +368,42 @@ class PermSpec:
                 if m.layout.span(g.size) > shape[m.axis]:
                     problems.append(f"group {g.name!r}: {m} reaches past size {shape[m.axis]}")
                     continue
+                bad = _at_problem(m, shape)
+                if bad:
+                    problems.append(f"group {g.name!r}: {m}: {bad}")
+                    continue
                 pos = m.layout.positions(g.size).reshape(-1)
                 if pos.unique().numel() != pos.numel():
                     problems.append(f"group {g.name!r}: {m} covers a position twice")
-                if (m.key, m.axis, m.layout) in seen:
+                if m in seen:
                     problems.append(f"{m} appears twice")
-                seen.add((m.key, m.axis, m.layout))
-                by_axis.setdefault((m.key, m.axis), []).append((g, m))
+                seen.add(m)
+                by_axis.setdefault((m.key, m.axis, m.at), []).append((g, m))
+                if m.at:
+                    h, first = slicer.setdefault(m.key, (g, m))
+                    if [a for a, _ in m.at] != [a for a, _ in first.at]:
+                        problems.append(f"group {g.name!r}: {m} slices {m.key} along other axes than {first} "
+                                        f"(group {h.name!r}): the members of one tensor slice it along the same axes")
+        for (key, axis, _), ms in by_axis.items():
+            if key not in slicer:
+                continue
+            h, cut = slicer[key]
+            if axis in {a for a, _ in cut.at}:
+                problems += [f"group {g.name!r}: {m} permutes axis {axis} of {key}, which {cut} (group {h.name!r}) "
+                             "picks a slice along: an axis that picks slices cannot be permuted" for g, m in ms]
+        problems += _slice_overlaps(self, by_axis)
         if not problems:
             gen = torch.Generator().manual_seed(0)
-            for (key, axis), ms in by_axis.items():
+            for (key, axis, at), ms in by_axis.items():
                 if len(ms) < 2:
                     continue
                 perms = {g.name: torch.randperm(g.size, generator=gen) for g, _ in ms}
                 n = self.shapes[key][axis]
                 parts = [(m.layout.positions(g.size), perms[g.name]) for g, m in ms]
                 forward, backward = compose_index(n, parts), compose_index(n, parts[::-1])
-                if forward.unique().numel() != n or (not torch.equal(forward, backward) and _not_nested(self, key, axis)):
+                if forward.unique().numel() != n or (not torch.equal(forward, backward) and _not_nested(self, key, axis, at)):
                     problems.append(f"groups {[g.name for g, _ in ms]} neither commute nor nest (outer groups "
-                                    f"first) on {key}[{axis}]")
+                                    f"first) on {Member(key, axis, at=at)}")
         if problems:
             raise SpecMismatchError("lint found problems:\n  " + "\n  ".join(problems))
 
@@ -396,7 +454,7 @@ class PermSpec:
                     "size": g.size,
                     "members": [
                         {"key": m.key, "axis": m.axis, "offset": m.layout.offset, "block": m.layout.block,
-                         "repeats": [list(r) for r in m.layout.repeats]}
+                         "repeats": [list(r) for r in m.layout.repeats]} | ({"at": [list(p) for p in m.at]} if m.at else {})
                         for m in g.members
                     ],
                     "why": list(g.why),
@@ -424,7 +482,8 @@ class PermSpec:
                     g["name"],
                     int(g["size"]),
                     tuple(
-                        Member(m["key"], int(m["axis"]), Layout(int(m["offset"]), int(m["block"]), tuple(_pair(r) for r in m["repeats"])))
+                        Member(m["key"], int(m["axis"]), Layout(int(m["offset"]), int(m["block"]), tuple(_pair(r) for r in m["repeats"])),
+                               tuple(_pair(p) for p in m.get("at", ())))
                         for m in g["members"]
                     ),
                     tuple(g.get("why", ())),
@@ -444,7 +503,8 @@ class PermSpec:
         """A short hash of the groups' names, sizes and members (not of provenance)."""
         import hashlib
 
-        core = [[g.name, g.size, [[m.key, m.axis, m.layout.offset, m.layout.block, [list(r) for r in m.layout.repeats]] for m in g.members]] for g in self.groups]
+        core = [[g.name, g.size, [[m.key, m.axis, m.layout.offset, m.layout.block, [list(r) for r in m.layout.repeats]]
+                                  + ([[list(p) for p in m.at]] if m.at else []) for m in g.members]] for g in self.groups]
         return hashlib.sha256(json.dumps(core).encode()).hexdigest()[:16]
 
 
@@ -453,10 +513,47 @@ def _pair(r: Any) -> tuple[int, int]:
     return int(count), int(stride)
 
 
-def _not_nested(spec: PermSpec, key: str, axis: int) -> bool:
+def _not_nested(spec: PermSpec, key: str, axis: int, at: tuple[tuple[int, int], ...]) -> bool:
     from permgraph import nesting
 
-    return nesting.order_problem(spec, key, axis)
+    return nesting.order_problem(spec, key, axis, at)
+
+
+def _at_problem(m: Member, shape: tuple[int, ...]) -> str | None:
+    """What is wrong with ``m.at`` on a tensor of ``shape`` (None if nothing)."""
+    axes = [a for a, _ in m.at]
+    if axes != sorted(set(axes)):
+        return "at must name each axis once, sorted by axis"
+    for a, i in m.at:
+        if not 0 <= a < len(shape):
+            return f"at names axis {a}, but {m.key} has {len(shape)} axes"
+        if a == m.axis:
+            return f"at picks a slice along axis {a}, the axis the member permutes"
+        if not 0 <= i < shape[a]:
+            return f"at index {i} is out of range for axis {a} of size {shape[a]}"
+    return None
+
+
+def _slice_overlaps(spec: PermSpec, by_axis: Mapping[tuple[str, int, tuple[tuple[int, int], ...]],
+                                                    Sequence[tuple[Group, Member]]]) -> list[str]:
+    """A problem for each slice member on an axis whose positions some whole-tensor member
+    of that axis also covers (the two would not commute)."""
+    problems = []
+    for (key, axis, at), ms in by_axis.items():
+        whole = by_axis.get((key, axis, ()))
+        if not at or not whole:
+            continue
+        covered = torch.zeros(spec.shapes[key][axis], dtype=torch.bool)
+        for g, m in whole:
+            covered[m.layout.positions(g.size).reshape(-1)] = True
+        for g, m in ms:
+            pos = m.layout.positions(g.size).reshape(-1)
+            if bool(covered[pos].any()):
+                h, w = next((h, w) for h, w in whole if bool(torch.isin(pos, w.layout.positions(h.size)).any()))
+                problems.append(f"group {g.name!r}: {m} covers positions of {key}[{axis}] that {w} (group {h.name!r}, "
+                                "on the whole tensor) covers too: a slice's positions must be disjoint from the whole "
+                                "tensor's")
+    return problems
 
 
 def _describe(x: Any) -> str:

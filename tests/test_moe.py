@@ -226,3 +226,161 @@ def test_boolean_masks_index_all_their_dims(over_features: bool) -> None:
     assert len(features) == (0 if over_features else 1)
     assert not spec.unsupported
     assert max(_sound(spec, model, x)) < 1e-12
+
+
+# -- per-expert units of stacked weights (infer(..., experts="independent")) --------------------
+
+
+def _grouped_fallback():
+    pytest.importorskip("transformers.integrations.moe")  # registers the op
+    return torch.ops.transformers.grouped_mm_fallback
+
+
+class FallbackExperts(nn.Module):
+    """Stacked experts in Hugging Face's layout (``up`` ``[E, 2I, H]``: gate rows, then up
+    rows; ``down`` ``[E, H, I]``), run with its grouped-mm fallback on tokens sorted by expert,
+    in float64. ``mix`` adds one step between the two products: ``"rows"`` adds the rows in
+    reverse order (mixing experts; inputs of 12 tokens), ``"mean"`` subtracts the mean over rows, ``"bias"`` adds a
+    bias shared by every expert. Each breaks the per-expert symmetry, not the shared one."""
+
+    def __init__(self, mix: str = "", d: int = 8, hidden: int = 6, experts: int = 3) -> None:
+        super().__init__()
+        self.mix, self.n = mix, experts
+        self.inp, self.out = nn.Linear(d, d), nn.Linear(d, 2)
+        self.router = nn.Linear(d, experts, bias=False)
+        self.up = nn.Parameter(torch.randn(experts, 2 * hidden, d) / d**0.5)
+        self.down = nn.Parameter(torch.randn(experts, d, hidden) / hidden**0.5)
+        if mix == "bias":
+            self.bias = nn.Parameter(torch.randn(hidden))
+        self.register_buffer("reverse", torch.arange(11, -1, -1), persistent=False)  # 12 rows, last first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grouped = _grouped_fallback()
+        h = self.inp(x)
+        ids_sorted, order = self.router(h).argmax(-1).sort()
+        offs = torch.cumsum(torch.histc(ids_sorted.double(), bins=self.n, min=0, max=self.n - 1), 0).int()
+        gate, up = grouped(h[order], self.up.transpose(-2, -1), offs).chunk(2, dim=-1)
+        y = F.silu(gate) * up
+        if self.mix == "rows":
+            y = y + y[self.reverse]
+        elif self.mix == "mean":
+            y = y - y.mean(0, keepdim=True)
+        elif self.mix == "bias":
+            y = y + self.bias
+        z = grouped(y, self.down.transpose(-2, -1), offs)
+        back = torch.empty_like(order).index_put((order,), torch.arange(order.shape[0]))
+        return self.out(h + z[back])
+
+
+def _experts_input(model: FallbackExperts) -> torch.Tensor:
+    """Tokens that reach every expert (the oracle must see each expert's slice at work)."""
+    for seed in range(100):
+        x = torch.randn(12, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            if model.router(model.inp(x)).argmax(-1).unique().numel() == model.n:
+                return x
+    raise AssertionError("no input reaches every expert")
+
+
+def _per_expert(group: permgraph.Group, n: int, swap_down: bool = False) -> tuple[permgraph.Group, ...]:
+    """``group`` split by hand into one group per expert, its stacked members only (a shared
+    bias has no expert slice; ``swap_down``: expert 0's and 1's ``down`` slices exchanged, a
+    wrong spec)."""
+    def at(m: Member, e: int) -> tuple[tuple[int, int], ...]:
+        if swap_down and m.key == "down" and e < 2:
+            e = 1 - e
+        return ((0, e),)
+    return tuple(permgraph.Group(f"{group.name}.e{e}", group.size,
+                                 tuple(dataclasses.replace(m, at=at(m, e)) for m in group.members if m.key in ("up", "down")))
+                 for e in range(n))
+
+
+def test_stacked_experts_get_one_group_per_expert() -> None:
+    torch.manual_seed(0)
+    model = FallbackExperts().double()
+    x = _experts_input(model)
+    shared = permgraph.infer(model, x)
+    spec = permgraph.infer(model, x, experts="independent")
+    hidden = next(g for g in shared.groups if ("down", 2) in {(m.key, m.axis) for m in g.members})
+    assert {(m.key, m.axis, m.layout.offset) for m in hidden.members} == {("up", 1, 0), ("up", 1, 6), ("down", 2, 0)}
+    mine = [g for g in spec.groups if any(m.key == "down" and m.axis == 2 for m in g.members)]
+    assert [g.name for g in mine] == [f"{hidden.name}.e{e}" for e in range(3)]
+    for e, g in enumerate(mine):  # the shared group's members, each in its expert's slice
+        assert g.members == tuple(dataclasses.replace(m, at=((0, e),)) for m in hidden.members)
+    assert len(spec.groups) == len(shared.groups) + 2
+    assert [(g.size, g.members) for g in spec.groups if g not in mine] == [(g.size, g.members) for g in shared.groups if g is not hidden]
+    assert max(_sound(spec, model, x)) < 1e-12
+    # negative control: two experts' down slices exchanged
+    wrong = dataclasses.replace(spec, groups=_per_expert(hidden, 3, swap_down=True))
+    with pytest.raises(VerificationError):
+        wrong.verify(model, x, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("mix", ["rows", "mean", "bias"])
+def test_stacked_experts_stay_shared_where_a_step_mixes_them(mix: str) -> None:
+    """A step between the two products that mixes rows of different experts (or adds a
+    bias all experts share) leaves the hidden units shared; splitting them by hand is caught
+    by the oracle, so the split would have been wrong."""
+    torch.manual_seed(0)
+    model = FallbackExperts(mix).double()
+    x = _experts_input(model)
+    shared = permgraph.infer(model, x)
+    assert permgraph.infer(model, x, experts="independent") == shared
+    hidden = next(g for g in shared.groups if ("down", 2) in {(m.key, m.axis) for m in g.members})
+    assert max(_sound(shared, model, x)) < 1e-12
+    forced = dataclasses.replace(shared, groups=tuple(g for g in shared.groups if g is not hidden) + _per_expert(hidden, 3))
+    with pytest.raises(VerificationError):
+        forced.verify(model, x, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("family", list(_FAMILIES))
+def test_hf_moe_experts_independent(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    transformers = pytest.importorskip("transformers")
+    moe = pytest.importorskip("transformers.integrations.moe")
+    monkeypatch.setattr(moe, "_can_use_grouped_mm", lambda *a, **k: False)
+    cfg_cls, model_cls, kw, floor = _FAMILIES[family]
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**_COMMON, **kw)).double().eval()
+    ids = {"input_ids": torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0)), "use_cache": False}
+    shared = permgraph.infer(model, ids)
+    spec = permgraph.infer(model, ids, experts="independent")
+    sd = model.state_dict()
+    stacked = [k for k, v in sd.items() if v.ndim == 3 and k.endswith("down_proj")]
+    for key in stacked:  # each expert's hidden units: a group of its own, in its slice
+        mine = [g for g in spec.groups if any(m.key == key and m.axis == 2 for m in g.members)]
+        assert len(mine) == 4
+        assert [{m.at for m in g.members} for g in mine] == [{((0, e),)} for e in range(4)]
+    assert len(spec.groups) == len(shared.groups) + 3 * len(stacked) >= floor + 6
+    assert max(_sound(spec, model, ids)) < 1e-4
+    # negative control: layer 0's experts 0 and 1 swap their down_proj slices
+    e0, e1 = (next(g for g in spec.groups if Member(stacked[0], 2, Layout(), ((0, e),)) in g.members) for e in (0, 1))
+    swap = {e0.name: e1.name, e1.name: e0.name}
+    groups = tuple(dataclasses.replace(g, members=tuple(dataclasses.replace(m, at=((0, 1 - m.at[0][1]),)) if m.key == stacked[0] else m
+                                                        for m in g.members)) if g.name in swap else g for g in spec.groups)
+    with pytest.raises(VerificationError):
+        dataclasses.replace(spec, groups=groups).verify(model, ids, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_weight_matching_recovers_per_expert_permutations(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hidden permutation of every group of a tiny Mixtral, each expert its own, is undone
+    by weight matching exactly."""
+    transformers = pytest.importorskip("transformers")
+    moe = pytest.importorskip("transformers.integrations.moe")
+    monkeypatch.setattr(moe, "_can_use_grouped_mm", lambda *a, **k: False)
+    from permgraph.match import weight_matching
+
+    cfg_cls, model_cls, kw, _ = _FAMILIES["mixtral"]
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**_COMMON, **kw)).double().eval()
+    ids = {"input_ids": torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0)), "use_cache": False}
+    spec = permgraph.infer(model, ids, experts="independent")
+    a = model.state_dict()
+    hidden = spec.random_permutation(torch.Generator().manual_seed(1))
+    b = spec.apply(hidden, a)
+    perm = weight_matching(spec, a, b)
+    aligned = spec.apply(perm, b)
+    assert all(torch.equal(aligned[k], a[k]) for k in a)
+    experts = [g.name for g in spec.groups if g.members[0].at]
+    assert len(experts) == 8 and any(not torch.equal(hidden[n], torch.arange(len(hidden[n]))) for n in experts)

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import torch
 
 from permgraph.errors import SpecMismatchError
+from permgraph.layout import at_axis, at_slice
 from permgraph.match._common import LayoutInfo, check_spec
 from permgraph.spec import PermSpec
 
@@ -19,18 +20,21 @@ class SoftPermuter:
 
     New unit ``u`` of a member is ``Σ_v M[u, v]`` old unit ``v``, so a permutation matrix
     ``M[u, p[u]] = 1`` gives exactly ``spec.apply(p, state)``. Groups sharing an axis act on
-    disjoint positions or independent factors, so they are applied one after the other.
+    disjoint positions or independent factors, so they are applied one after the other; a
+    member with an ``at`` acts on its slice of the tensor only, after the whole-tensor ones.
     """
 
     def __init__(self, spec: PermSpec) -> None:
-        self.plan: dict[str, list[tuple[int, int, LayoutInfo]]] = {}
+        # key -> at -> (axis, group, layout) steps, axis numbered in the slice
+        self.plan: dict[str, dict[tuple[tuple[int, int], ...], list[tuple[int, int, LayoutInfo]]]] = {}
         for gi, g in enumerate(spec.groups):
             for m in g.members:
                 axis_size = spec.shapes[m.key][m.axis]
                 lay = LayoutInfo(m.layout.positions(g.size), axis_size)
-                self.plan.setdefault(m.key, []).append((m.axis, gi, lay))
-        for steps in self.plan.values():
-            steps.sort(key=lambda s: s[0])
+                self.plan.setdefault(m.key, {}).setdefault(m.at, []).append((at_axis(m.axis, m.at), gi, lay))
+        for slices in self.plan.values():
+            for steps in slices.values():
+                steps.sort(key=lambda s: s[0])
         self._flat: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     @property
@@ -45,7 +49,19 @@ class SoftPermuter:
 
     def tensor(self, key: str, t: torch.Tensor, mats: list[torch.Tensor]) -> torch.Tensor:
         """``t`` (the tensor ``key``) with every group's matrix applied."""
-        for axis, gi, lay in self.plan[key]:
+        slices = self.plan[key]
+        if () in slices:
+            t = self._steps(slices[()], t, mats)
+        parts = [(at, steps) for at, steps in slices.items() if at]
+        if parts:
+            out = t.clone()  # written slice by slice, each slice read from t (kept for backward)
+            for at, steps in parts:
+                at_slice(out, at).copy_(self._steps(steps, at_slice(t, at), mats))
+            t = out
+        return t
+
+    def _steps(self, steps: list[tuple[int, int, LayoutInfo]], t: torch.Tensor, mats: list[torch.Tensor]) -> torch.Tensor:
+        for axis, gi, lay in steps:
             m = mats[gi]
             if lay.whole:
                 t = torch.tensordot(m, t, dims=([1], [axis])).movedim(0, axis)

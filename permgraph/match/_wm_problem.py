@@ -3,22 +3,76 @@
 ``_Problem`` holds, for every group, its members (a state_dict tensor and axis each) and the
 groups each member's B matrix is read through; ``refresh`` keeps every ``S_g`` up to date
 from visit to visit (see `permgraph.match.weight` for the method).
+
+A tensor that some member slices (`permgraph.spec.Member` ``at``: one expert of a stacked
+mixture-of-experts tensor) is matched as one sub-tensor per slice, keyed ``(key, at)``: a
+member with an ``at`` lies in its own slice, a whole-tensor member in every slice (its axis
+renumbered there), and ``J`` sums over the slices, which is ``<A_T, P(B_T)>`` of the tensor.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Hashable, Iterator, Mapping
 from typing import Any
 
 import torch
 
 from permgraph import lap as _lap
+from permgraph.layout import at_axis, at_slice
 from permgraph.match._budget import Budget, Weights, held_bytes
 from permgraph.match._common import LayoutInfo, compose_index, gather_units, nested_positions, partitioned_positions
-from permgraph.spec import PermSpec
+from permgraph.spec import Member, PermSpec
 
 Index = dict[int, "torch.Tensor | None"]  # axis -> gather index (None: identity)
+Key = Hashable  # a state_dict key, or (key, at) for one slice of a tensor that members slice
+At = tuple[tuple[int, int], ...]
+
+
+def _slices(spec: PermSpec) -> dict[str, list[At]]:
+    """Every slice of each tensor that some member slices (along the axes its ``at`` names:
+    `PermSpec.lint` makes them the same for every member of the tensor)."""
+    axes: dict[str, tuple[int, ...]] = {}
+    for g in spec.groups:
+        for m in g.members:
+            if m.at:
+                axes.setdefault(m.key, tuple(a for a, _ in m.at))
+    return {key: [tuple(zip(ax, idx)) for idx in itertools.product(*(range(spec.shapes[key][a]) for a in ax))]
+            for key, ax in axes.items()}
+
+
+def _places(m: Member, slices: Mapping[str, list[At]]) -> list[tuple[Key, int]]:
+    """Where a member lies among the (sub-)tensors matched: ``(key, axis)`` pairs."""
+    cuts = slices.get(m.key)
+    if cuts is None:
+        return [(m.key, m.axis)]
+    return [((m.key, at), at_axis(m.axis, at)) for at in cuts if set(m.at) <= set(at)]
+
+
+def _name(key: Key) -> str:
+    """The state_dict key of a (sub-)tensor's `Key`."""
+    return key[0] if isinstance(key, tuple) else key
+
+
+class _Sliced(Mapping):
+    """A state_dict read by `Key`: ``(key, at)`` is a view of the slice ``at`` of ``key``."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor], keys: list[Key]) -> None:
+        self.state = state
+        self._keys = keys
+
+    def __getitem__(self, key: Key) -> torch.Tensor:
+        if not isinstance(key, tuple):
+            return self.state[key]
+        read = getattr(self.state, "read_slice", None)  # a Checkpoint reads the slice alone
+        return read(*key) if read is not None else at_slice(self.state[key[0]], key[1])
+
+    def __iter__(self) -> Iterator[Key]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 class _Member:
@@ -27,7 +81,7 @@ class _Member:
 
     __slots__ = ("gi", "key", "axis", "lay", "others", "deps", "bucket", "used")
 
-    def __init__(self, gi: int, key: str, axis: int, lay: LayoutInfo, others: dict[int, list[tuple[int, torch.Tensor]]]) -> None:
+    def __init__(self, gi: int, key: Key, axis: int, lay: LayoutInfo, others: dict[int, list[tuple[int, torch.Tensor]]]) -> None:
         self.gi = gi
         self.key = key
         self.axis = axis
@@ -75,49 +129,56 @@ class _Problem:
         self.spec = spec
         self.sizes = [g.size for g in spec.groups]
         self.budget = Budget(max_memory)
-        # every (group, positions) on every axis of every member tensor
-        self.on_axis: dict[str, dict[int, list[tuple[int, torch.Tensor]]]] = {}
+        slices = _slices(spec)
+        places = {m: _places(m, slices) for g in spec.groups for m in g.members}
+        # every (group, positions) on every axis of every member (sub-)tensor
+        self.on_axis: dict[Key, dict[int, list[tuple[int, torch.Tensor]]]] = {}
         for gi, g in enumerate(spec.groups):
             for m in g.members:
-                self.on_axis.setdefault(m.key, {}).setdefault(m.axis, []).append((gi, m.layout.positions(g.size)))
+                for key, axis in places[m]:
+                    self.on_axis.setdefault(key, {}).setdefault(axis, []).append((gi, m.layout.positions(g.size)))
         self.keys = list(self.on_axis)
-        self.shapes = {k: tuple(spec.shapes[k]) for k in self.keys}
-        dtypes = {}
-        first = state_a[self.keys[0]] if self.keys else torch.empty(0)
-        self.device = torch.device(device) if device is not None else first.device
-        for key in self.keys:
-            ta, tb = state_a[key], state_b[key]
-            dtypes[key] = dtype or torch.promote_types(torch.promote_types(ta.dtype, tb.dtype), torch.float32)
-        self.a = Weights(state_a, dtypes, self.device)
-        self.b = Weights(state_b, dtypes, self.device)
+        cut = {key: {a for a, _ in ats[0]} for key, ats in slices.items()}
+        self.shapes = {k: tuple(n for a, n in enumerate(spec.shapes[_name(k)]) if a not in cut.get(_name(k), ()))
+                       for k in self.keys}
+        names = list(dict.fromkeys(map(_name, self.keys)))
+        self.device = torch.device(device) if device is not None else (
+            state_a[names[0]].device if names else torch.device("cpu"))
+        stored = {}
+        for name in names:
+            ta, tb = state_a[name], state_b[name]
+            stored[name] = dtype or torch.promote_types(torch.promote_types(ta.dtype, tb.dtype), torch.float32)
+        dtypes = {k: stored[_name(k)] for k in self.keys}
+        self.a = Weights(_Sliced(state_a, self.keys), dtypes, self.device)
+        self.b = Weights(_Sliced(state_b, self.keys), dtypes, self.device)
         n_groups = len(spec.groups)
         self.members: list[list[_Member]] = [[] for _ in range(n_groups)]
         self.nests: list[list[_Nest]] = [[] for _ in range(n_groups)]
         # S[g] = [plain members' share, nested members' share], kept up to date by refresh()
         # while the budget keeps it (see _take_s / _keep_s)
         self.users: list[set[int]] = [set() for _ in range(n_groups)]  # groups whose S reads group h
-        self.tensors_of: list[set[str]] = [set() for _ in range(n_groups)]
+        self.tensors_of: list[set[Key]] = [set() for _ in range(n_groups)]
         for gi, g in enumerate(spec.groups):
             for m in g.members:
-                self.tensors_of[gi].add(m.key)
                 pos = m.layout.positions(g.size)
-                axes = self.on_axis[m.key]
-                others = self._others(m.key, m.axis, {gi}, pos)
-                mem = _Member(gi, m.key, m.axis, LayoutInfo(pos, self.shapes[m.key][m.axis]), others)
-                self.members[gi].append(mem)
-                for h in mem.deps:
-                    self.users[h].add(gi)
-                size = self.shapes[m.key][m.axis]
-                rivals = [(d, pos_d) for d, pos_d in axes[m.axis] if d != gi]
-                nest = next((((d,), inner) for d, pos_d in rivals
-                             if (inner := nested_positions(pos, pos_d, size)) is not None), None)
-                if nest is None and rivals:  # per-block groups come after the outer one (spec order)
-                    nest = partitioned_positions(pos, [(d, p) for d, p in rivals if d > gi], size)
-                if nest is not None:
-                    inners, inner = nest
-                    nest_others = self._others(m.key, m.axis, {gi, *inners}, pos)
-                    self.nests[gi].append(_Nest(mem, inners, inner, nest_others, size))
-                    mem.bucket = 1
+                for key, axis in places[m]:
+                    self.tensors_of[gi].add(key)
+                    others = self._others(key, axis, {gi}, pos)
+                    mem = _Member(gi, key, axis, LayoutInfo(pos, self.shapes[key][axis]), others)
+                    self.members[gi].append(mem)
+                    for h in mem.deps:
+                        self.users[h].add(gi)
+                    size = self.shapes[key][axis]
+                    rivals = [(d, pos_d) for d, pos_d in self.on_axis[key][axis] if d != gi]
+                    nest = next((((d,), inner) for d, pos_d in rivals
+                                 if (inner := nested_positions(pos, pos_d, size)) is not None), None)
+                    if nest is None and rivals:  # per-block groups come after the outer one (spec order)
+                        nest = partitioned_positions(pos, [(d, p) for d, p in rivals if d > gi], size)
+                    if nest is not None:
+                        inners, inner = nest
+                        nest_others = self._others(key, axis, {gi, *inners}, pos)
+                        self.nests[gi].append(_Nest(mem, inners, inner, nest_others, size))
+                        mem.bucket = 1
         self.partners = [sorted({d for n in nests for d in n.inners}) for nests in self.nests]
         # outer groups with a group of their own in each unit: applied after the outer one,
         # those permute inside whatever block the outer group brought there, so S_g read
@@ -140,7 +201,7 @@ class _Problem:
                 if len(ax) > 1:
                     self.quadratic[gi] = True
 
-    def _others(self, key: str, axis: int, skip: set[int], pos: torch.Tensor) -> dict[int, list[tuple[int, torch.Tensor]]]:
+    def _others(self, key: Key, axis: int, skip: set[int], pos: torch.Tensor) -> dict[int, list[tuple[int, torch.Tensor]]]:
         """The groups B is read through for a member on ``key[axis]`` at positions ``pos``:
         every group on the tensor's other axes, and those on ``axis`` itself that move some
         of ``pos`` (a group on a disjoint segment cannot change what the member reads), but
@@ -158,11 +219,11 @@ class _Problem:
         return out
 
     # -- products ------------------------------------------------------------------------
-    def _indices(self, key: str, others: dict[int, list[tuple[int, torch.Tensor]]], perm: list[torch.Tensor]) -> Index:
+    def _indices(self, key: Key, others: dict[int, list[tuple[int, torch.Tensor]]], perm: list[torch.Tensor]) -> Index:
         shape = self.shapes[key]
         return {axis: compose_index(shape[axis], [(pos, perm[g2]) for g2, pos in parts]) for axis, parts in others.items()}
 
-    def _b_matrix(self, key: str, axis: int, lay: LayoutInfo, idx: Index,
+    def _b_matrix(self, key: Key, axis: int, lay: LayoutInfo, idx: Index,
                   select: tuple[int, torch.Tensor] | None = None, piece: tuple[int, int, int] | None = None) -> torch.Tensor:
         """B's ``(n, rest)`` matrix of a member on ``key[axis]`` in the compute dtype: every
         other axis gathered by ``idx``; with ``select = (axis, index)``, that axis is gathered
@@ -182,7 +243,7 @@ class _Problem:
                 gathers.insert(0, (c, ix[lo:hi]))
         return self.b.compute(key, gather_units(t, axis, lay, idx.get(axis), gathers))
 
-    def _a_matrix(self, key: str, axis: int, lay: LayoutInfo, tag: int | None,
+    def _a_matrix(self, key: Key, axis: int, lay: LayoutInfo, tag: int | None,
                   piece: tuple[int, int, int] | None = None) -> torch.Tensor:
         """A's ``(n, rest)`` matrix of a member in the compute dtype (kept as a cheap entry
         under ``tag``; a piece, as in `_b_matrix`, is not kept)."""
@@ -195,7 +256,7 @@ class _Problem:
                 self.budget.put(("A", tag), hit, held_bytes(hit, src), cheap=True)
         return hit
 
-    def _pieces(self, key: str, axis: int) -> list[tuple[int, int, int] | None]:
+    def _pieces(self, key: Key, axis: int) -> list[tuple[int, int, int] | None]:
         """How to split a member's product: ``[None]`` (whole) for a small tensor, else
         ranges of its largest other axis holding about `CHUNK` elements each."""
         shape = self.shapes[key]
@@ -338,7 +399,7 @@ class _Problem:
         return s
 
     # -- objective -----------------------------------------------------------------------
-    def tensor_objective(self, key: str, perm: list[torch.Tensor]) -> float:
+    def tensor_objective(self, key: Key, perm: list[torch.Tensor]) -> float:
         """``<A_T, P(B_T)>`` for one tensor (in pieces along its first axis when large)."""
         shape = self.shapes[key]
         index = {axis: compose_index(shape[axis], [(pos, perm[g]) for g, pos in parts])

@@ -40,7 +40,7 @@ from permgraph import lap as _lap
 from permgraph.match import _stats
 from permgraph.match._common import MatchError, check_finite, check_spec, nested_positions, partitioned_positions
 from permgraph.match._stats import ActivationStats
-from permgraph.runner import device_of, input_signature, runner_for
+from permgraph.runner import check_unsliced, device_of, input_signature, runner_for
 from permgraph.spec import Layout, PermSpec
 
 __all__ = ["activation_matching", "activation_similarity", "ActivationStats", "METHODS", "NONLINEAR_OPS"]
@@ -250,6 +250,7 @@ def _accumulate(spec: PermSpec, model_a: torch.nn.Module, model_b: torch.nn.Modu
         if precheck is not None:
             precheck()
         check_spec(spec)
+        check_unsliced(spec, call, MatchError)
         if method not in METHODS:
             raise MatchError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
         if isinstance(batches, (torch.Tensor, dict)):
