@@ -114,6 +114,11 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
     g.add_argument("--input-high", type=int, default=2, help="int64 inputs are drawn from [0, HIGH)")
     g.add_argument("--input-name", default=None, help="pass the input as this keyword (e.g. input_ids)")
     g.add_argument("--kwarg", action="append", metavar="KEY=VALUE", help="extra keyword input, e.g. use_cache=False")
+    g.add_argument("--heads", choices=("shared", "independent"), default="shared",
+                   help="units within attention heads: one group shared by every head (default) or one per head")
+    g.add_argument("--experts", choices=("shared", "independent"), default="shared",
+                   help="hidden units of stacked experts: one group shared by every expert (default) or one per "
+                        "expert (weight matching only)")
 
     run = argparse.ArgumentParser(add_help=False)
     r = run.add_argument_group("running")

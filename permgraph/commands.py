@@ -69,7 +69,7 @@ def _arch(args: argparse.Namespace, paths: list[str], x: torch.Tensor | None = N
     model = load_model(args.model, pairs(args.build_arg, "--build-arg")) if args.model else None
     inputs = _example(args, x) if model is not None else None
     try:
-        return architecture(paths, model=model, inputs=inputs)
+        return architecture(paths, model=model, inputs=inputs, heads=args.heads, experts=args.experts)
     except TraceError as exc:
         if model is None:
             raise
@@ -190,7 +190,7 @@ def inspect(args: argparse.Namespace) -> int:
         model = load_model(target, pairs(args.build_arg, "--build-arg"))
         inputs = _example(args)
         try:
-            spec = infer(model, inputs, strict=args.strict)
+            spec = infer(model, inputs, strict=args.strict, heads=args.heads, experts=args.experts)
         except TraceError as exc:
             raise TraceError(f"{exc}\n(Set the example input with --input-shape, --input-dtype, --input-name, --kwarg.)") from exc
         if args.verify:

@@ -58,6 +58,8 @@ def architecture(
     model: torch.nn.Module | None = None,
     inputs: Any = None,
     names: Iterable[str] = ("A", "B", "C", "D"),
+    heads: str = "shared",
+    experts: str = "shared",
 ) -> Architecture:
     """Open checkpoints and infer the spec of their architecture.
 
@@ -67,6 +69,7 @@ def architecture(
             ``config.json`` on the meta device.
         inputs: example inputs for ``model`` (default: chosen from the folder's model).
         names: how to call the checkpoints in messages.
+        heads, experts: as in `permgraph.infer` (per-head and per-expert groups).
 
     Raises:
         FileError, FileFormatError: a checkpoint or shard is missing, truncated or corrupted.
@@ -81,7 +84,7 @@ def architecture(
         inputs = built_inputs if inputs is None else inputs
     elif inputs is None:
         raise PermGraphError("a model given without example inputs: pass inputs= (what infer would take)")
-    spec = infer(model, inputs)
+    spec = infer(model, inputs, heads=heads, experts=experts)
     checked = []
     for ck, name in zip(cks, names):
         ck = ck.with_aliases(tied_aliases(model, ck))

@@ -384,3 +384,41 @@ def test_weight_matching_recovers_per_expert_permutations(monkeypatch: pytest.Mo
     assert all(torch.equal(aligned[k], a[k]) for k in a)
     experts = [g.name for g in spec.groups if g.members[0].at]
     assert len(experts) == 8 and any(not torch.equal(hidden[n], torch.arange(len(hidden[n]))) for n in experts)
+
+
+def fallback_experts() -> FallbackExperts:
+    """The CLI's MODULE:CALLABLE for `FallbackExperts` (float64, seed 0)."""
+    torch.manual_seed(0)
+    return FallbackExperts().double()
+
+
+def test_cli_aligns_per_expert_groups(tmp_path, capsys) -> None:
+    """``--experts independent`` reaches ``infer``: inspect lists one group per expert, and
+    align undoes a hidden per-expert permutation of checkpoint files exactly."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from permgraph.cli import main
+
+    target = "tests.test_moe:fallback_experts"
+    shape = ["--input-shape", "12,8", "--input-dtype", "float64"]
+    arch = ["--model", target, *shape]
+    assert main(["inspect", target, *shape]) == 0
+    assert ".e0" not in capsys.readouterr().out
+    assert main(["inspect", target, *shape, "--experts", "independent"]) == 0
+    shown = capsys.readouterr().out
+    assert "down[2] (at [0]=2)" in shown and ".e2" in shown
+    model = fallback_experts()
+    spec = permgraph.infer(model, _experts_input(model), experts="independent")
+    a = model.state_dict()
+    b = spec.apply(spec.random_permutation(torch.Generator().manual_seed(1)), a)
+    save_file(a, tmp_path / "a.safetensors")
+    save_file(b, tmp_path / "b.safetensors")
+    out = tmp_path / "aligned.safetensors"
+    assert main(["align", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), *arch, "--experts",
+                 "independent", "--out", str(out), "--quiet", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {r["group"] for r in report["groups"]} >= {g.name for g in spec.groups if g.members[0].at}
+    aligned = load_file(out)
+    assert all(torch.equal(aligned[k], a[k]) for k in a)
