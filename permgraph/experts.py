@@ -59,11 +59,12 @@ Kind = tuple[str, object]  # ("stack", E) | ("rows", offsets node name)
 def find_expert_splits(traced, s, roots: Iterable[int]) -> dict[int, int]:
     """For each group root in ``roots``, the number of experts it splits into, where the
     proof in the module docstring holds."""
-    vals = _Values(s)
+    nodes = traced.graph_module.graph.nodes
     carriers: dict[int, list] = {r: [] for r in roots}
-    if not carriers:
-        return {}
-    for node in traced.graph_module.graph.nodes:
+    if not carriers or not any(n.op == "call_function" and _packet(n) in _GROUPED for n in nodes):
+        return {}  # the proof needs a grouped product
+    vals = _Values(s)
+    for node in nodes:
         for tv in values_of(node):
             for r in carriers:
                 if vals.where(tv, r, None):
