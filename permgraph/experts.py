@@ -60,17 +60,12 @@ def find_expert_splits(traced, s, roots: Iterable[int]) -> dict[int, int]:
     """For each group root in ``roots``, the number of experts it splits into, where the
     proof in the module docstring holds."""
     nodes = traced.graph_module.graph.nodes
-    carriers: dict[int, list] = {r: [] for r in roots}
-    if not carriers or not any(n.op == "call_function" and _packet(n) in _GROUPED for n in nodes):
+    roots = list(roots)
+    if not roots or not any(n.op == "call_function" and _packet(n) in _GROUPED for n in nodes):
         return {}  # the proof needs a grouped product
     vals = _Values(s)
-    for node in nodes:
-        for tv in values_of(node):
-            for r in carriers:
-                if vals.where(tv, r, None):
-                    carriers[r].append((node, tv))
     out: dict[int, int] = {}
-    for r, found in carriers.items():
+    for r, found in vals.carriers(nodes, roots).items():
         experts = _proof(traced, vals, r, found)
         if experts:
             out[r] = experts

@@ -177,6 +177,16 @@ class _Values:
             self.cache[key] = None if v is None else self.s.u.tree(v)
         return self.cache[key]
 
+    def carriers(self, nodes, roots) -> dict[int, list]:
+        """For each root, the ``(node, value)`` pairs, in graph order, of the values carrying it."""
+        out: dict[int, list] = {r: [] for r in roots}
+        for node in nodes:
+            for tv in values_of(node):
+                for r in out:
+                    if self.where(tv, r, None):
+                        out[r].append((node, tv))
+        return out
+
     def where(self, tv, r: int, index: int | None) -> tuple[int, int | None] | None | bool:
         """For a value: False if it does not carry ``r``; None if it carries it in a way no
         head index explains; else ``(r's dim, the head's dim or None when the head is an
@@ -260,13 +270,7 @@ def find_splits(traced, s, groups: dict[int, list]) -> dict[int, int]:
     """For each within-head group root in ``groups`` (root -> the parameter values that carry
     it), the head variable it splits along, where the proof holds."""
     vals = _Values(s)
-    nodes = list(traced.graph_module.graph.nodes)
-    carriers: dict[int, list] = {r: [] for r in groups}  # r -> [(node, value)]
-    for node in nodes:
-        for tv in values_of(node):
-            for r in carriers:
-                if vals.where(tv, r, None):
-                    carriers[r].append((node, tv))
+    carriers = vals.carriers(traced.graph_module.graph.nodes, groups)
     out: dict[int, int] = {}
     for r, found in carriers.items():
         cands: set[int] | None = None

@@ -150,17 +150,24 @@ _FAMILIES = {
 }
 
 
-@pytest.mark.filterwarnings("ignore")
-@pytest.mark.parametrize("family", list(_FAMILIES))
-def test_hf_moe_experts_hidden_units_are_groups(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def _hf_moe(family: str, monkeypatch: pytest.MonkeyPatch) -> tuple[nn.Module, dict]:
+    """A tiny float64 model of ``family`` (seed 0) and its inputs, its experts run eagerly
+    with the loop export traces (the native grouped kernel has no float64)."""
     transformers = pytest.importorskip("transformers")
     moe = pytest.importorskip("transformers.integrations.moe")
-    # run the experts eagerly with the loop export traces (the native kernel has no float64)
     monkeypatch.setattr(moe, "_can_use_grouped_mm", lambda *a, **k: False)
-    cfg_cls, model_cls, kw, floor = _FAMILIES[family]
+    cfg_cls, model_cls, kw, _ = _FAMILIES[family]
     torch.manual_seed(0)
     model = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**_COMMON, **kw)).double().eval()
     ids = {"input_ids": torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0)), "use_cache": False}
+    return model, ids
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("family", list(_FAMILIES))
+def test_hf_moe_experts_hidden_units_are_groups(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, ids = _hf_moe(family, monkeypatch)
+    floor = _FAMILIES[family][3]
     spec = permgraph.infer(model, ids)
     members = {(m.key, m.axis): g for g in spec.groups for m in g.members}
     stacked = [k for k, v in model.state_dict().items() if v.ndim == 3 and k.endswith("down_proj")]
@@ -336,13 +343,8 @@ def test_stacked_experts_stay_shared_where_a_step_mixes_them(mix: str) -> None:
 @pytest.mark.filterwarnings("ignore")
 @pytest.mark.parametrize("family", list(_FAMILIES))
 def test_hf_moe_experts_independent(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    transformers = pytest.importorskip("transformers")
-    moe = pytest.importorskip("transformers.integrations.moe")
-    monkeypatch.setattr(moe, "_can_use_grouped_mm", lambda *a, **k: False)
-    cfg_cls, model_cls, kw, floor = _FAMILIES[family]
-    torch.manual_seed(0)
-    model = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**_COMMON, **kw)).double().eval()
-    ids = {"input_ids": torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0)), "use_cache": False}
+    model, ids = _hf_moe(family, monkeypatch)
+    floor = _FAMILIES[family][3]
     shared = permgraph.infer(model, ids)
     spec = permgraph.infer(model, ids, experts="independent")
     sd = model.state_dict()
@@ -366,15 +368,9 @@ def test_hf_moe_experts_independent(family: str, monkeypatch: pytest.MonkeyPatch
 def test_weight_matching_recovers_per_expert_permutations(monkeypatch: pytest.MonkeyPatch) -> None:
     """A hidden permutation of every group of a tiny Mixtral, each expert its own, is undone
     by weight matching exactly."""
-    transformers = pytest.importorskip("transformers")
-    moe = pytest.importorskip("transformers.integrations.moe")
-    monkeypatch.setattr(moe, "_can_use_grouped_mm", lambda *a, **k: False)
     from permgraph.match import weight_matching
 
-    cfg_cls, model_cls, kw, _ = _FAMILIES["mixtral"]
-    torch.manual_seed(0)
-    model = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**_COMMON, **kw)).double().eval()
-    ids = {"input_ids": torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0)), "use_cache": False}
+    model, ids = _hf_moe("mixtral", monkeypatch)
     spec = permgraph.infer(model, ids, experts="independent")
     a = model.state_dict()
     hidden = spec.random_permutation(torch.Generator().manual_seed(1))
