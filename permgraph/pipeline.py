@@ -69,7 +69,8 @@ def architecture(
             ``config.json`` on the meta device.
         inputs: example inputs for ``model`` (default: chosen from the folder's model).
         names: how to call the checkpoints in messages.
-        heads, experts: as in `permgraph.infer` (per-head and per-expert groups).
+        heads: as in `permgraph.infer` (per-head groups).
+        experts: as in `permgraph.infer` (per-expert groups).
 
     Raises:
         FileError, FileFormatError: a checkpoint or shard is missing, truncated or corrupted.
