@@ -133,8 +133,8 @@ def compose(spec, first: Mapping[str, torch.Tensor], then: Mapping[str, torch.Te
 def order_problem(spec, key: str, axis: int, at: tuple[tuple[int, int], ...] = ()) -> bool:
     """Whether the groups on ``key[axis]`` (of the slice ``at``) fail to be nested (for `PermSpec.lint`)."""
     parts = _by_axis(spec)[(key, axis, at)]
-    gen = torch.Generator().manual_seed(1)
-    perm = [torch.randperm(g.size, generator=gen) for g in spec.groups]
+    moved = spec.derangement(torch.Generator().manual_seed(1))  # every unit moves
+    perm = [moved[g.name] for g in spec.groups]
     n = spec.shapes[key][axis]
     got = decompose(n, parts, _index(n, parts, perm))
     return got is None or any(not torch.equal(got[gi], perm[gi]) for gi, _ in parts)

@@ -78,7 +78,8 @@ def verify(
             bisection over the groups in the precision that failed), or the outputs change
             between two runs with the same weights and seed (then nothing is blamed).
         OracleArgumentError: ``rtol``, ``atol`` or ``draws`` out of range.
-        SpecMismatchError: the model's state_dict does not match the spec.
+        SpecMismatchError: the model's state_dict does not match the spec, or the spec does
+            not pass `PermSpec.lint`.
         PermutationError: ``perm`` is not a permutation of every group.
     """
     if not (isinstance(rtol, (int, float)) and rtol > 0 and math.isfinite(rtol)):
@@ -90,6 +91,7 @@ def verify(
     args, kwargs = as_args(example_inputs)
     full = model.state_dict()
     spec.check_state_dict(full, "model.state_dict()")
+    spec.lint()  # a malformed spec (a hand-written one) is named, not half-applied
     state = {k: v.detach() for k, v in full.items() if isinstance(v, torch.Tensor)}
     if perm is not None:
         spec.check_permutation(perm)

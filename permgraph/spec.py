@@ -393,16 +393,16 @@ class PermSpec:
                              "picks a slice along: an axis that picks slices cannot be permuted" for g, m in ms]
         problems += _slice_overlaps(self, by_axis)
         if not problems:
-            gen = torch.Generator().manual_seed(0)
+            # every unit moved (a random permutation of two units may be the identity)
+            perms = self.derangement(torch.Generator().manual_seed(0))
             for (key, axis, at), ms in by_axis.items():
                 if len(ms) < 2:
                     continue
-                perms = {g.name: torch.randperm(g.size, generator=gen) for g, _ in ms}
                 n = self.shapes[key][axis]
                 parts = [(m.layout.positions(g.size), perms[g.name]) for g, m in ms]
                 forward, backward = compose_index(n, parts), compose_index(n, parts[::-1])
                 if forward.unique().numel() != n or (not torch.equal(forward, backward) and _not_nested(self, key, axis, at)):
-                    problems.append(f"groups {[g.name for g, _ in ms]} neither commute nor nest (outer groups "
+                    problems.append(f"groups {list(dict.fromkeys(g.name for g, _ in ms))} neither commute nor nest (outer groups "
                                     f"first) on {Member(key, axis, at=at)}")
         if problems:
             raise SpecMismatchError("lint found problems:\n  " + "\n  ".join(problems))

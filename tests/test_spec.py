@@ -420,3 +420,23 @@ def test_spec_is_plain_data_and_the_analysis_stays_apart():
     x = torch.randn(5, 4)
     assert permgraph.verify(back, mlp, x, perm=back.identity()) == 0.0
     assert back.verify(mlp, x, perm=back.identity()) == 0.0
+
+
+def test_lint_catches_two_unit_groups_that_overlap_whatever_the_seed():
+    """Groups of two units on overlapping positions neither commute nor nest; lint moves
+    every unit when it tries them (a random permutation of two units is the identity half
+    the time, which would hide the overlap)."""
+    for offset in range(2):
+        groups = tuple(permgraph.Group(f"g{i}", 2, (Member("w", 0, Layout(offset=i)),)) for i in range(2))
+        spec = PermSpec(groups[offset:] + groups[:offset], shapes={"w": (3,)})
+        with pytest.raises(SpecMismatchError, match=r"neither commute nor nest"):
+            spec.lint()
+
+
+def test_verify_names_a_malformed_spec_before_running_it():
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    spec = permgraph.infer(mlp, torch.randn(3, 4))
+    bad = dataclasses.replace(spec, groups=(dataclasses.replace(spec.groups[0], members=(
+        *spec.groups[0].members, Member("0.bias", 0, at=((0, 1),)))),))
+    with pytest.raises(SpecMismatchError, match=r"0\.bias\[0\].*the axis the member permutes"):
+        bad.verify(mlp, torch.randn(3, 4))
