@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from permgraph.errors import FileError, FileFormatError, SpecMismatchError
-from permgraph.spec import PermSpec, missing_and_extra
+from permgraph.spec import Layout, Member, PermSpec, missing_and_extra
 
 __all__ = [
     "FileFormatError",
@@ -107,6 +107,16 @@ def _checksum(names: list[str], tensors: Mapping[str, torch.Tensor]) -> str:
         h.update(b"\0")
         h.update(tensors[name].contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def _member_text(m: list[Any]) -> str:
+    """A file's member entry (`_members`) as `Member` prints it (``key[axis]`` when plain)."""
+    try:
+        key, axis, offset, block, repeats, *at = m
+        return str(Member(key, int(axis), Layout(int(offset), int(block), tuple(map(tuple, repeats))),
+                          tuple(map(tuple, at[0])) if at else ()))
+    except (TypeError, ValueError):
+        return repr(m)
 
 
 def _members(spec: PermSpec) -> list[dict[str, Any]]:
@@ -287,11 +297,11 @@ def load_permutation(path: PathLike, spec: PermSpec) -> dict[str, torch.Tensor]:
         culprit = next((n for n in spec.names if by_name[n].get("members") != mine[n]), None)
         detail = f"group {culprit!r} permutes other tensors" if culprit else "the groups' members differ"
         if culprit is not None:
-            theirs = {tuple(m[:2]) for m in by_name[culprit].get("members") or []}
-            ours = {tuple(m[:2]) for m in mine[culprit]}
-            diff = sorted(ours ^ theirs)[:3]
+            theirs = {json.dumps(m) for m in by_name[culprit].get("members") or []}
+            ours = {json.dumps(m) for m in mine[culprit]}
+            diff = [_member_text(json.loads(m)) for m in sorted(ours ^ theirs)[:3]]
             if diff:
-                detail += f" (e.g. {', '.join(f'{k}[{a}]' for k, a in diff)} is in one and not the other)"
+                detail += f" (e.g. {', '.join(diff)} is in one and not the other)"
         raise SpecMismatchError(
             f"{where} was made for another spec (fingerprint {header.get('spec_fingerprint')}, this spec's is "
             f"{spec.fingerprint()}): {detail}"
