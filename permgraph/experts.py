@@ -36,7 +36,7 @@ from collections.abc import Iterable
 
 import torch
 
-from permgraph.heads import _contains, _packet, _pointwise, _Values
+from permgraph.heads import AxisTrees, contains, packet, pointwise
 from permgraph.rules import bind_args, values_of
 
 __all__ = ["EXPERT_MODES", "find_expert_splits"]
@@ -61,9 +61,9 @@ def find_expert_splits(traced, s, roots: Iterable[int]) -> dict[int, int]:
     proof in the module docstring holds."""
     nodes = traced.graph_module.graph.nodes
     roots = list(roots)
-    if not roots or not any(n.op == "call_function" and _packet(n) in _GROUPED for n in nodes):
+    if not roots or not any(n.op == "call_function" and packet(n) in _GROUPED for n in nodes):
         return {}  # the proof needs a grouped product
-    vals = _Values(s)
+    vals = AxisTrees(s)
     out: dict[int, int] = {}
     for r, found in vals.carriers(nodes, roots).items():
         experts = _proof(traced, vals, r, found)
@@ -72,8 +72,8 @@ def find_expert_splits(traced, s, roots: Iterable[int]) -> dict[int, int]:
     return out
 
 
-def _dims_with(vals: _Values, tv, r: int) -> list[int]:
-    return [d for d in range(len(tv.shape)) if (t := vals.tree(tv.value, d)) is not None and _contains(t, r)]
+def _dims_with(vals: AxisTrees, tv, r: int) -> list[int]:
+    return [d for d in range(len(tv.shape)) if (t := vals.tree(tv.value, d)) is not None and contains(t, r)]
 
 
 def _norm(d: int, ndim: int) -> int:
@@ -85,7 +85,7 @@ def _arg_value(arg) -> tuple | None:
     return (arg.name, None) if isinstance(arg, torch.fx.Node) else None
 
 
-def _kind(node: torch.fx.Node, tv, kinds: dict[tuple, Kind], vals: _Values, r: int, traced) -> Kind | None:
+def _kind(node: torch.fx.Node, tv, kinds: dict[tuple, Kind], vals: AxisTrees, r: int, traced) -> Kind | None:
     """What a value carrying ``r`` is (see the module docstring), or None when no case fits."""
     dims = _dims_with(vals, tv, r)
     if len(dims) != 1 or dims[0] == 0 or len(tv.shape) < 2:
@@ -94,7 +94,7 @@ def _kind(node: torch.fx.Node, tv, kinds: dict[tuple, Kind], vals: _Values, r: i
         return ("stack", tv.shape[0]) if node.name in traced.params and tv.shape[0] >= 2 else None
     if node.op != "call_function":
         return None
-    pkt = _packet(node)
+    pkt = packet(node)
     if node.target is operator.getitem:
         src, i = node.args[0], node.args[1]
         return kinds.get((src.name, i)) if isinstance(src, torch.fx.Node) and isinstance(i, int) else None
@@ -108,11 +108,11 @@ def _kind(node: torch.fx.Node, tv, kinds: dict[tuple, Kind], vals: _Values, r: i
         if wk is None or wk[0] != "stack" or not isinstance(offs, torch.fx.Node) or xv is None \
                 or _shape(offs) != (wk[1],):
             return None
-        if any(_contains(t, r) for d in range(2) if (t := vals.tree(xv, d)) is not None):
+        if any(contains(t, r) for d in range(2) if (t := vals.tree(xv, d)) is not None):
             return None  # r on both sides of one product
         return ("rows", offs.name)
     if src is None:
-        if _pointwise(node):
+        if pointwise(node):
             return _pointwise_kind(node, kinds, vals, r, tv)
         return None
     if pkt in _COPIES:
@@ -126,12 +126,12 @@ def _kind(node: torch.fx.Node, tv, kinds: dict[tuple, Kind], vals: _Values, r: i
         return src if keep else None
     if pkt in _ALONG:  # positions along the units (or another dim than rows and experts)
         return src if _norm(int(args.get("dim", 0)), len(_shape(first))) != 0 else None
-    if _pointwise(node):
+    if pointwise(node):
         return _pointwise_kind(node, kinds, vals, r, tv)
     return None
 
 
-def _pointwise_kind(node: torch.fx.Node, kinds: dict[tuple, Kind], vals: _Values, r: int, tv) -> Kind | None:
+def _pointwise_kind(node: torch.fx.Node, kinds: dict[tuple, Kind], vals: AxisTrees, r: int, tv) -> Kind | None:
     """An element-wise op keeps its rows when every input carrying ``r`` has the same row
     labels and the output's rows are theirs (same rank, same number of rows)."""
     labels = set()
@@ -151,7 +151,7 @@ def _pointwise_kind(node: torch.fx.Node, kinds: dict[tuple, Kind], vals: _Values
     return labels.pop() if len(labels) == 1 else None
 
 
-def _proof(traced, vals: _Values, r: int, found: list) -> int | None:
+def _proof(traced, vals: AxisTrees, r: int, found: list) -> int | None:
     kinds: dict[tuple, Kind] = {}
     for node, tv in found:  # graph order: a value's inputs come first
         k = _kind(node, tv, kinds, vals, r, traced)
@@ -174,14 +174,14 @@ def _shape(arg: torch.fx.Node) -> tuple[int, ...]:
     return tuple(val.shape) if isinstance(val, torch.Tensor) else ()
 
 
-def _use_ok(user: torch.fx.Node, kinds: dict[tuple, Kind], vals: _Values, r: int,
+def _use_ok(user: torch.fx.Node, kinds: dict[tuple, Kind], vals: AxisTrees, r: int,
             n_experts: int) -> bool:
     """Is this use of a value carrying ``r`` one the proof allows?"""
     if user.op != "call_function":
         return False
     if any(tv.value in kinds for tv in values_of(user)):
         return True  # itself a carrier, checked as one
-    pkt = _packet(user)
+    pkt = packet(user)
     if pkt in _META:
         return True
     if pkt not in _GROUPED:

@@ -36,7 +36,8 @@ from permgraph.layout import Layout
 from permgraph.rules import bind_args, op_name, value_of_arg, values_of
 from permgraph.unify import Leaf, Tree
 
-__all__ = ["HEAD_MODES", "Occurrence", "occurrences", "split_layouts", "find_splits"]
+__all__ = ["HEAD_MODES", "Occurrence", "occurrences", "split_layouts", "find_splits", "AxisTrees", "contains",
+           "packet", "pointwise"]
 
 HEAD_MODES = ("shared", "independent")
 
@@ -53,8 +54,9 @@ class Occurrence:
     ranges: dict[int, list[tuple[int, int]]]
 
 
-def _contains(t: Leaf | Tree, r: int) -> bool:
-    return t.root == r if isinstance(t, Leaf) else any(_contains(p, r) for p in t.parts)
+def contains(t: Leaf | Tree, r: int) -> bool:
+    """Whether variable ``r`` occurs in the axis tree ``t``."""
+    return t.root == r if isinstance(t, Leaf) else any(contains(p, r) for p in t.parts)
 
 
 def _flatten(t: Leaf | Tree, stride: int, atoms: list, ranges: dict[int, list[tuple[int, int]]]) -> None:
@@ -86,7 +88,7 @@ def occurrences(t: Leaf | Tree, r: int) -> list[Occurrence]:
             return
         sizes = [p.size for p in t.parts]
         for i, p in enumerate(t.parts):
-            if not _contains(p, r):
+            if not contains(p, r):
                 continue
             a, rg = list(atoms), {k: list(v) for k, v in ranges.items()}
             for j in range(i):
@@ -154,17 +156,20 @@ _REDUCE = {
 _NORMS = {"aten.layer_norm", "aten.native_layer_norm", "aten.rms_norm", "aten._fused_rms_norm"}
 
 
-def _packet(node: torch.fx.Node) -> str:
+def packet(node: torch.fx.Node) -> str:
+    """The op's packet name, ``"aten.add"`` for ``aten.add.Tensor``."""
     return ".".join(op_name(node.target).split(".")[:2])
 
 
-def _pointwise(node: torch.fx.Node) -> bool:
+def pointwise(node: torch.fx.Node) -> bool:
+    """Whether the op is element-wise (torch's ``pointwise`` tag)."""
     tags = getattr(node.target, "tags", ())
     return torch.Tag.pointwise in tags
 
 
-class _Values:
-    """Axis trees of the solved graph, without creating variables."""
+class AxisTrees:
+    """Axis trees of the solved graph, without creating variables (also read by
+    `permgraph.experts`)."""
 
     def __init__(self, s) -> None:
         self.s = s
@@ -191,7 +196,7 @@ class _Values:
         """For a value: False if it does not carry ``r``; None if it carries it in a way no
         head index explains; else ``(r's dim, the head's dim or None when the head is an
         outer factor of r's own axis)``. With ``index`` None, only whether it carries ``r``."""
-        dims = [d for d in range(len(tv.shape)) if (t := self.tree(tv.value, d)) is not None and _contains(t, r)]
+        dims = [d for d in range(len(tv.shape)) if (t := self.tree(tv.value, d)) is not None and contains(t, r)]
         if not dims:
             return False
         if index is None:
@@ -216,7 +221,7 @@ class _Values:
 
     def candidates(self, tv, r: int, param: bool) -> set[int]:
         """The roots that could index ``r``'s units in this value, head by head."""
-        dims = [d for d in range(len(tv.shape)) if (t := self.tree(tv.value, d)) is not None and _contains(t, r)]
+        dims = [d for d in range(len(tv.shape)) if (t := self.tree(tv.value, d)) is not None and contains(t, r)]
         if len(dims) != 1:
             return set()
         occs = occurrences(self.tree(tv.value, dims[0]), r)
@@ -234,7 +239,7 @@ class _Values:
 
 def _reduced_dims(node: torch.fx.Node, ndim: int) -> set[int] | None:
     args = bind_args(node)
-    pkt = _packet(node)
+    pkt = packet(node)
     if pkt in _NORMS:
         k = len(args.get("normalized_shape", ()))
         return set(range(ndim - k, ndim))
@@ -249,10 +254,10 @@ def _reduced_dims(node: torch.fx.Node, ndim: int) -> set[int] | None:
         return None
 
 
-def _op_per_head(node: torch.fx.Node, vals: _Values, r: int, index: int) -> bool:
+def _op_per_head(node: torch.fx.Node, vals: AxisTrees, r: int, index: int) -> bool:
     """Does this call act head by head on the values carrying ``r``? (See the module docstring.)"""
-    pkt = _packet(node)
-    if node.target is operator.getitem or pkt in _VIEWS or pkt in _PRODUCTS or _pointwise(node):
+    pkt = packet(node)
+    if node.target is operator.getitem or pkt in _VIEWS or pkt in _PRODUCTS or pointwise(node):
         return True
     if pkt in _REDUCE or pkt in _NORMS:
         x = value_of_arg(node.args[0]) if node.args else None
@@ -269,7 +274,7 @@ def _op_per_head(node: torch.fx.Node, vals: _Values, r: int, index: int) -> bool
 def find_splits(traced, s, groups: dict[int, list]) -> dict[int, int]:
     """For each within-head group root in ``groups`` (root -> the parameter values that carry
     it), the head variable it splits along, where the proof holds."""
-    vals = _Values(s)
+    vals = AxisTrees(s)
     carriers = vals.carriers(traced.graph_module.graph.nodes, groups)
     out: dict[int, int] = {}
     for r, found in carriers.items():
@@ -293,7 +298,7 @@ def find_splits(traced, s, groups: dict[int, list]) -> dict[int, int]:
     return out
 
 
-def _carrier_ok(node, tv, vals: _Values, r: int, index: int) -> bool:
+def _carrier_ok(node, tv, vals: AxisTrees, r: int, index: int) -> bool:
     w = vals.where(tv, r, index)
     if not isinstance(w, tuple):
         return False
@@ -304,7 +309,7 @@ def _carrier_ok(node, tv, vals: _Values, r: int, index: int) -> bool:
     return _op_per_head(node, vals, r, index)
 
 
-def _consumers_ok(node, vals: _Values, r: int, index: int) -> bool:
+def _consumers_ok(node, vals: AxisTrees, r: int, index: int) -> bool:
     """Every user of a value carrying ``r`` acts head by head (the output node never does)."""
     for user in node.users:
         if user.op != "call_function":
