@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from permgraph.errors import InferArgumentError, TraceError, UnsupportedOpError
-from permgraph.experts import EXPERT_MODES, find_expert_splits
+from permgraph.experts import EXPERT_MODES, split_per_expert
 from permgraph.graph import build_graph, module_path
 from permgraph.heads import HEAD_MODES, find_splits, occurrences, split_layouts
 from permgraph.islands import infer_islands
@@ -322,14 +322,7 @@ def _build_spec(traced: Traced, s: _Solver, unsupported: list[Unsupported],
                     parents[k] = parents.get(r, set()) | {index}
                 del found[r]
     if experts == "independent":
-        stacked = [r for r, ms in found.items() if not isinstance(r, tuple)
-                   and any(len(traced.state_shapes[m.key]) >= 3 for m in ms)]
-        for r, n in find_expert_splits(traced, s, stacked).items():
-            # expert e's units: its shared group's members, in slice e of the stack (dim 0)
-            for e in range(n):
-                found[(r, e, "expert")] = [Member(m.key, m.axis, m.layout, at=((0, e),)) for m in found[r]]
-                parents[(r, e, "expert")] = parents.get(r, set())
-            del found[r]
+        split_per_expert(traced, s, found, parents)
     ranked = []
     for root, members in found.items():
         members.sort(key=lambda m: (order.get(m.key, 1 << 30), m.axis, m.layout.offset))

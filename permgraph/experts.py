@@ -38,8 +38,9 @@ import torch
 
 from permgraph.heads import AxisTrees, contains, packet, pointwise
 from permgraph.rules import bind_args, values_of
+from permgraph.spec import Member
 
-__all__ = ["EXPERT_MODES", "find_expert_splits"]
+__all__ = ["EXPERT_MODES", "find_expert_splits", "split_per_expert"]
 
 EXPERT_MODES = ("shared", "independent")
 
@@ -70,6 +71,20 @@ def find_expert_splits(traced, s, roots: Iterable[int]) -> dict[int, int]:
         if experts:
             out[r] = experts
     return out
+
+
+def split_per_expert(traced, s, found: dict, parents: dict) -> None:
+    """Replace, in ``found`` (group root -> members), each group of stacked weights that
+    `find_expert_splits` proves splits by one group per expert, root ``(root, e, "expert")``:
+    the shared group's members in slice ``e`` of the stack (dim 0); ``parents`` (root -> the
+    roots it was refined from) follows."""
+    stacked = [r for r, ms in found.items() if not isinstance(r, tuple)
+               and any(len(traced.state_shapes[m.key]) >= 3 for m in ms)]
+    for r, n in find_expert_splits(traced, s, stacked).items():
+        for e in range(n):
+            found[(r, e, "expert")] = [Member(m.key, m.axis, m.layout, at=((0, e),)) for m in found[r]]
+            parents[(r, e, "expert")] = parents.get(r, set())
+        del found[r]
 
 
 def _dims_with(vals: AxisTrees, tv, r: int) -> list[int]:
