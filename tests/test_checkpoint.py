@@ -176,25 +176,28 @@ def test_writer_is_atomic(tmp_path: Path, llama) -> None:
 
 # -- streamed weight matching ------------------------------------------------------------------
 
-def test_streamed_matching_equals_in_memory(llama, monkeypatch) -> None:
+@pytest.mark.parametrize("first_pass", ["sweep", "forward"])
+def test_streamed_matching_equals_in_memory(llama, monkeypatch, first_pass: str) -> None:
     a, _, c, _ = llama
     arch = architecture([a, c])
     ca, cc = arch.checkpoints
-    in_memory = weight_matching(arch.spec, {k: ca[k] for k in ca}, {k: cc[k] for k in cc}, max_memory=None)
+    in_memory = weight_matching(arch.spec, {k: ca[k] for k in ca}, {k: cc[k] for k in cc}, max_memory=None,
+                                first_pass=first_pass)
     monkeypatch.setattr(weight, "CHUNK", 100)  # every member product in pieces, every objective too
-    streamed, hist = weight_matching(arch.spec, ca, cc, max_memory=0, return_history=True)
+    streamed, hist = weight_matching(arch.spec, ca, cc, max_memory=0, first_pass=first_pass, return_history=True)
     assert hist.cache_peak == 0 and hist.sweeps >= 2
     assert all(torch.equal(in_memory[g], streamed[g]) for g in arch.spec.names)
 
 
-def test_memory_budget_does_not_change_the_result() -> None:
+@pytest.mark.parametrize("first_pass", ["sweep", "forward"])
+def test_memory_budget_does_not_change_the_result(first_pass: str) -> None:
     torch.manual_seed(0)
     make = lambda: torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64),  # noqa: E731
                                        torch.nn.ReLU(), torch.nn.Linear(64, 8))
     m1, m2 = make(), make()
     spec = permgraph.infer(m1, torch.randn(2, 16))
-    runs = [weight_matching(spec, m1.state_dict(), m2.state_dict(), max_memory=mm, return_history=True)
-            for mm in (None, 20_000, 0)]
+    runs = [weight_matching(spec, m1.state_dict(), m2.state_dict(), max_memory=mm, first_pass=first_pass,
+                            return_history=True) for mm in (None, 20_000, 0)]
     for perm, _ in runs[1:]:
         assert all(torch.equal(perm[g], runs[0][0][g]) for g in spec.names)
     assert runs[1][1].cache_evictions > 0 and runs[1][1].cache_peak <= 20_000

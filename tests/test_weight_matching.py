@@ -28,7 +28,8 @@ from tests.helpers import tiny_gpt2
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _recovery(model: nn.Module, inputs, seed: int = 0) -> tuple[permgraph.PermSpec, dict, dict, dict, WeightMatchingHistory]:
+def _recovery(model: nn.Module, inputs, seed: int = 0,
+              first_pass: str = "sweep") -> tuple[permgraph.PermSpec, dict, dict, dict, WeightMatchingHistory]:
     randomize_norm_stats(model, torch.Generator().manual_seed(seed))
     model.eval()
     with warnings.catch_warnings():
@@ -37,7 +38,7 @@ def _recovery(model: nn.Module, inputs, seed: int = 0) -> tuple[permgraph.PermSp
     a = model.state_dict()
     hidden = spec.random_permutation(torch.Generator().manual_seed(seed + 1))
     b = spec.apply(hidden, a)
-    perm, hist = weight_matching(spec, a, b, seed=seed, return_history=True)
+    perm, hist = weight_matching(spec, a, b, seed=seed, first_pass=first_pass, return_history=True)
     return spec, a, b, perm, hist
 
 
@@ -59,41 +60,46 @@ def _assert_recovered(spec: permgraph.PermSpec, a: dict, b: dict, perm: dict, hi
     assert hist.objective[0] < best  # the hidden permutation did move something
 
 
-def test_mlp_recovers_the_inverse() -> None:
+@pytest.mark.parametrize("first_pass", ["sweep", "forward"])
+def test_mlp_recovers_the_inverse(first_pass: str) -> None:
     model = nn.Sequential(
         nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)
     )
-    spec, a, b, perm, hist = _recovery(model, torch.randn(1, 64))
+    spec, a, b, perm, hist = _recovery(model, torch.randn(1, 64), first_pass=first_pass)
     assert [g.size for g in spec.groups] == [128, 128, 128]
     _assert_recovered(spec, a, b, perm, hist)
     assert hist.sweeps <= 4
+    if first_pass == "forward":  # each layer's inputs are aligned when it is solved: one pass finds it
+        assert hist.sweeps == 2 and hist.changed[0] and hist.changed[1] == []
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
-def test_resnet_recovers_the_inverse(name: str) -> None:
+@pytest.mark.parametrize(("name", "first_pass"), [("resnet18", "sweep"), ("resnet50", "sweep"), ("resnet18", "forward")])
+def test_resnet_recovers_the_inverse(name: str, first_pass: str) -> None:
     import torchvision
 
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(weights=None)
-    spec, a, b, perm, hist = _recovery(model, torch.randn(1, 3, 32, 32))
+    spec, a, b, perm, hist = _recovery(model, torch.randn(1, 3, 32, 32), first_pass=first_pass)
     assert len(spec.groups) >= (12 if name == "resnet18" else 37)
     _assert_recovered(spec, a, b, perm, hist)
 
 
-def test_vit_tiny_recovers_the_inverse() -> None:
+@pytest.mark.parametrize("first_pass", ["sweep", "forward"])
+def test_vit_tiny_recovers_the_inverse(first_pass: str) -> None:
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32)
-    spec, a, b, perm, hist = _recovery(model, torch.randn(1, 3, 32, 32))
+    spec, a, b, perm, hist = _recovery(model, torch.randn(1, 3, 32, 32), first_pass=first_pass)
     # heads (3) and within-head units (64) of every block are groups: the joint moves align them
     assert sum(g.size == 3 for g in spec.groups) == 12
     _assert_recovered(spec, a, b, perm, hist)
     assert hist.joint_moves > 0
 
 
-def test_gpt2_recovers_the_inverse() -> None:
+@pytest.mark.parametrize("first_pass", ["sweep", "forward"])
+def test_gpt2_recovers_the_inverse(first_pass: str) -> None:
     model, inputs, _ = tiny_gpt2()
-    spec, a, b, perm, hist = _recovery(model, inputs)
+    spec, a, b, perm, hist = _recovery(model, inputs, first_pass=first_pass)
     assert any(g.size == 4 for g in spec.groups)  # the head groups
     _assert_recovered(spec, a, b, perm, hist)
 
@@ -205,6 +211,55 @@ def test_tol_stops_early_and_each_order_reaches_a_fixed_point(two_resnet18s) -> 
     assert graph.objective[1] > exact.objective[0]
 
 
+def test_the_forward_pass_reads_the_aligned_side_and_is_kept_only_when_it_gains(two_resnet18s) -> None:
+    """``first_pass="forward"``: the first sweep builds each group's similarity from the
+    members whose other groups it already visited; the objective it records is the true one
+    after that pass, the descent then reaches a fixed point of the full objective, and a pass
+    that would lower the objective is dropped (next test)."""
+    spec, a, b = two_resnet18s
+    keys = {m.key for g in spec.groups for m in g.members}
+
+    def true(perm: dict) -> float:
+        aligned = spec.apply(perm, b)
+        return sum(float((a[k].double() * aligned[k].double()).sum()) for k in keys)
+
+    _, one = weight_matching(spec, a, b, first_pass="forward", max_iter=1, return_history=True)
+    _, plain = weight_matching(spec, a, b, max_iter=1, return_history=True)
+    assert one.sweeps == 1 and not one.converged and one.changed[0]
+    assert one.gemm_flops < plain.gemm_flops  # it left out what reads unvisited groups
+    perm, hist = weight_matching(spec, a, b, first_pass="forward", return_history=True)
+    assert hist.objective[1] == pytest.approx(one.objective[1], rel=1e-9)
+    assert hist.converged and hist.changed[-1] == []
+    assert all(y >= x for x, y in zip(hist.objective, hist.objective[1:]))
+    assert hist.objective[-1] == pytest.approx(true(perm), rel=1e-5)
+    sims = similarity_matrices(spec, a, b, perm)
+    for g in spec.groups:
+        s, ar = sims[g.name], torch.arange(g.size)
+        assert s[ar, perm[g.name]].sum() >= s[ar, permgraph.lap.solve(s)].sum() - 1e-6 * abs(float(s.sum())), g.name
+
+
+def test_a_forward_pass_that_lowers_the_objective_is_dropped() -> None:
+    """B's first layer is A's with its units shuffled (and scaled down), the rest is A's: read
+    on its input side alone, the first group takes the shuffle, which the second layer's
+    columns (read in full only later) pay for many times over; the pass is dropped."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    spec = permgraph.infer(model, torch.randn(2, 8))
+    a = model.state_dict()
+    b = dict(a)
+    sigma = torch.randperm(16, generator=torch.Generator().manual_seed(1))
+    b["0.weight"], b["0.bias"] = 1e-2 * a["0.weight"][sigma], 1e-2 * a["0.bias"][sigma]
+    s = a["0.weight"] @ b["0.weight"].T + torch.outer(a["0.bias"], b["0.bias"])  # the first group's input side
+    taken = permgraph.lap.solve(s.double())
+    assert not torch.equal(taken, torch.arange(16))
+    moved = spec.apply({"0": taken, "2": torch.arange(16)}, b)
+    keys = {m.key for g in spec.groups for m in g.members}
+    assert sum(float((a[k] * moved[k]).sum()) for k in keys) < sum(float((a[k] * b[k]).sum()) for k in keys)
+    perm, hist = weight_matching(spec, a, b, first_pass="forward", return_history=True)
+    assert hist.changed[0] == [] and hist.objective[1] == hist.objective[0]
+    assert hist.converged and all(y >= x for x, y in zip(hist.objective, hist.objective[1:]))
+
+
 def test_same_seed_same_answer_and_lap_backends_agree(two_resnet18s) -> None:
     spec, a, b = two_resnet18s
     p1, h1 = weight_matching(spec, a, b, seed=3, return_history=True)
@@ -216,7 +271,7 @@ def test_same_seed_same_answer_and_lap_backends_agree(two_resnet18s) -> None:
 
 def test_lap_threads_take_the_sequential_path_step_for_step(two_resnet18s, monkeypatch: pytest.MonkeyPatch) -> None:
     """LAPs solved in threads (every one, with the size floor lowered) give the permutation,
-    objectives and sweeps of the sequential descent, in both orders."""
+    objectives and sweeps of the sequential descent, in both orders and after a forward pass."""
     import threading
 
     from permgraph.match import _wm_descent
@@ -231,16 +286,18 @@ def test_lap_threads_take_the_sequential_path_step_for_step(two_resnet18s, monke
         return solve(self, cost)
 
     monkeypatch.setattr(_wm_descent._Descent, "_solve", spy)
-    problems = [(*two_resnet18s, "random"), (*two_resnet18s, "graph"),
-                (gpt_spec, gpt_a, gpt_b, "random")]
-    for spec, a, b, order in problems:
-        p1, h1 = weight_matching(spec, a, b, order=order, lap_threads=1, return_history=True)
+    problems = [(*two_resnet18s, "random", "sweep"), (*two_resnet18s, "graph", "sweep"),
+                (*two_resnet18s, "random", "forward"), (gpt_spec, gpt_a, gpt_b, "random", "sweep"),
+                (gpt_spec, gpt_a, gpt_b, "random", "forward")]
+    for spec, a, b, order, first_pass in problems:
+        kw = {"order": order, "first_pass": first_pass, "return_history": True}
+        p1, h1 = weight_matching(spec, a, b, lap_threads=1, **kw)
         assert threads == {threading.current_thread().name}
         threads.clear()
-        p3, h3 = weight_matching(spec, a, b, order=order, lap_threads=3, return_history=True)
+        p3, h3 = weight_matching(spec, a, b, lap_threads=3, **kw)
         assert any(t.startswith("permgraph-lap") for t in threads)
         threads.clear()
-        assert h1.objective == h3.objective and h1.changed == h3.changed and h1.laps == h3.laps
+        assert h1.objective == pytest.approx(h3.objective, rel=1e-12) and h1.changed == h3.changed and h1.laps == h3.laps
         assert all(torch.equal(p1[k], p3[k]) for k in p1)
     assert any(g.size == 4 for g in gpt_spec.groups)  # the heads: visited by joint moves
 
@@ -387,6 +444,8 @@ def test_bad_arguments(mlp_spec) -> None:
             weight_matching(spec, a, a, lap_threads=threads)  # type: ignore[arg-type]
     with pytest.raises(MatchError, match="order must be 'graph' or 'random'"):
         weight_matching(spec, a, a, order="sorted")  # type: ignore[arg-type]
+    with pytest.raises(MatchError, match="first_pass must be 'sweep' or 'forward'"):
+        weight_matching(spec, a, a, first_pass="backward")  # type: ignore[arg-type]
     with pytest.raises(LapError, match="unknown LAP backend"):
         weight_matching(spec, a, a, lap="magic")
     with pytest.raises(PermutationError):

@@ -47,32 +47,50 @@ class _Descent:
         self.hist.laps += 1
         return p
 
-    def _cost(self, gi: int, perm: list[torch.Tensor]) -> torch.Tensor:
-        """``-S_g`` as a float64 CPU matrix (a new copy: it is not kept between visits)."""
+    def _cost(self, gi: int, perm: list[torch.Tensor], ready: set[int] | None = None) -> torch.Tensor:
+        """``-S_g`` as a float64 CPU matrix (a new copy: it is not kept between visits); with
+        ``ready``, of the members read through those groups only (`forward_pass`)."""
         t0 = time.perf_counter()
-        c = self.prob.cost(gi, perm, self.hist).to(device="cpu", dtype=torch.float64, copy=True)
+        c = self.prob.cost(gi, perm, self.hist, ready=ready).to(device="cpu", dtype=torch.float64, copy=True)
         self.hist.product_seconds += time.perf_counter() - t0
         return c
+
+    def forward_pass(self, order: list[int], pool: ThreadPoolExecutor | None = None, depth: int = 1) -> list[int]:
+        """One sweep in ``order`` (`graph_order`) in which each group reads only what is aligned
+        already: its LAP takes the members whose other groups were visited before it (the
+        input side), not those read through groups still at their start, which are added at
+        the group's next visit. Kept when it raises ``J`` (measured in full after it).
+        Returns the groups changed."""
+        start, before = list(self.perm), self.objective
+        changed = sweep(self, order, pool, depth, ready=set())
+        after = sum(self.prob.tensor_objective(k, self.perm) for k in self.prob.keys)
+        if _improves(before, after):
+            self.objective = after
+            return changed
+        self.perm[:], self.objective = start, before  # (the pass added partial gains to it)
+        self.dirty = [True] * len(self.prob.sizes)
+        return []
 
     def _changed(self, groups: list[int]) -> None:
         for g in groups:
             for u in self.prob.users[g]:
                 self.dirty[u] = True
 
-    def step(self, gi: int) -> list[int]:
+    def step(self, gi: int, ready: set[int] | None = None) -> list[int]:
         """Visit group ``gi``; return the groups whose permutation changed."""
-        if self.prob.nests[gi]:
+        if self.prob.nests[gi]:  # (the joint move reads every member, also in a forward pass)
             self.dirty[gi] = False
             moved = self._joint_step(gi)
             if moved or self.prob.joint_only[gi]:
                 return moved
-        cost = self.prepare(gi)
+        cost = self.prepare(gi, ready)
         return self.finish(gi, cost, self._solve(cost))
 
-    def prepare(self, gi: int) -> torch.Tensor:
-        """The first half of a plain visit: ``-S_g`` under the current permutations."""
-        self.dirty[gi] = False
-        return self._cost(gi, self.perm)
+    def prepare(self, gi: int, ready: set[int] | None = None) -> torch.Tensor:
+        """The first half of a plain visit: ``-S_g`` under the current permutations (read
+        through the ``ready`` groups only, if given: the visit is then left to be redone)."""
+        self.dirty[gi] = ready is not None and any(not ready.issuperset(m.deps) for m in self.prob.members[gi])
+        return self._cost(gi, self.perm, ready)
 
     def finish(self, gi: int, cost: torch.Tensor, p_new: torch.Tensor) -> list[int]:
         """The second half: take ``p_new`` (the LAP of ``cost``) when it raises ``J``."""
@@ -128,22 +146,26 @@ def graph_order(spec: Any) -> list[int]:
     return sorted(range(len(spec.groups)), key=lambda g: first[g])
 
 
-def sweep(descent: _Descent, order: list[int], pool: ThreadPoolExecutor | None = None, depth: int = 1) -> list[int]:
+def sweep(descent: _Descent, order: list[int], pool: ThreadPoolExecutor | None = None, depth: int = 1,
+          ready: set[int] | None = None) -> list[int]:
     """One sweep: visit, in ``order``, every group something it reads changed for since its
-    last LAP; return the groups changed.
+    last LAP; return the groups changed. With ``ready`` (`_Descent.forward_pass`), each
+    group reads only through the groups in it, and joins it once visited.
 
-    With a ``pool``, the LAPs of consecutive visits to groups that share no tensor (up to
-    ``depth`` at a time) run in its threads while the next similarity is built (the LAP
-    solvers release the GIL): such a visit neither reads nor dirties the other's
-    permutation, and the results are taken in visit order, so the sweep is the sequential
-    one, step for step."""
+    With a ``pool``, the LAP of a group of `POOL_MIN_SIZE` units or more runs in its threads
+    (up to ``depth`` at a time; the LAP solvers release the GIL) while the next groups that
+    share no tensor with it (nor do their partners, for an outer group) are visited: such a
+    visit neither reads nor dirties its permutation, so the sweep is the sequential one, step
+    for step (the objective's sum taken in another order)."""
     changed: list[int] = []
+    done = ready.add if ready is not None else (lambda gi: None)
     if pool is None:
         for gi in order:
             if descent.dirty[gi]:  # else S_g is what it was at g's last LAP
-                changed += descent.step(gi)
+                changed += descent.step(gi, ready)
+            done(gi)
         return changed
-    tensors = descent.prob.tensors_of
+    prob = descent.prob
     flight: deque[tuple[int, torch.Tensor, Future]] = deque()  # LAPs under way, in visit order
 
     def land() -> None:  # take the oldest LAP's result
@@ -151,19 +173,19 @@ def sweep(descent: _Descent, order: list[int], pool: ThreadPoolExecutor | None =
         changed.extend(descent.finish(gi, cost, fut.result()))
 
     for gi in order:
-        while any(tensors[gi] & tensors[h] for h, _, _ in flight):  # gi reads one of them
+        reads = prob.tensors_of[gi].union(*(prob.tensors_of[d] for d in prob.partners[gi]))
+        while any(reads & prob.tensors_of[h] for h, _, _ in flight):  # gi reads one of them
             land()
         if not descent.dirty[gi]:
+            done(gi)
             continue
-        if descent.prob.nests[gi]:
-            while flight:
-                land()
-            changed += descent.step(gi)
+        if prob.nests[gi]:  # solved here, beside the LAPs in flight
+            changed += descent.step(gi, ready)
+            done(gi)
             continue
-        cost = descent.prepare(gi)
-        if descent.prob.sizes[gi] < POOL_MIN_SIZE:  # solved in less time than a hand-off costs
-            while flight:
-                land()
+        cost = descent.prepare(gi, ready)
+        done(gi)  # (a group that reads gi shares a tensor with it: it waits for gi's LAP)
+        if prob.sizes[gi] < POOL_MIN_SIZE:  # solved in less time than a hand-off costs
             changed += descent.finish(gi, cost, descent._solve(cost))
             continue
         if len(flight) >= depth:
@@ -175,21 +197,22 @@ def sweep(descent: _Descent, order: list[int], pool: ThreadPoolExecutor | None =
 
 
 def run(descent: _Descent, spec: Any, *, order: str, seed: int, tol: float, max_iter: int, lap_threads: int = 1,
-        bar: Any = None) -> None:
+        first_pass: str = "sweep", bar: Any = None) -> None:
     """Sweep until one changes nothing, or raises the objective by at most ``tol`` times
     what all sweeps so far raised it, or ``max_iter`` sweeps; record each in ``descent.hist``.
 
     ``order="graph"``: every sweep visits the groups in `graph_order` (each then sees its
     input side already aligned); ``order="random"``: a random order each sweep, drawn from
-    ``seed``. ``lap_threads > 1``: LAPs run in that many threads (see `sweep`)."""
+    ``seed``. ``first_pass="forward"``: the first sweep is `_Descent.forward_pass`.
+    ``lap_threads > 1``: LAPs run in that many threads (see `sweep`)."""
     if lap_threads > 1:
         with ThreadPoolExecutor(lap_threads, thread_name_prefix="permgraph-lap") as pool:
-            _run(descent, spec, order, seed, tol, max_iter, pool, lap_threads, bar)
+            _run(descent, spec, order, seed, tol, max_iter, first_pass, pool, lap_threads, bar)
     else:
-        _run(descent, spec, order, seed, tol, max_iter, None, 1, bar)
+        _run(descent, spec, order, seed, tol, max_iter, first_pass, None, 1, bar)
 
 
-def _run(descent: _Descent, spec: Any, order: str, seed: int, tol: float, max_iter: int,
+def _run(descent: _Descent, spec: Any, order: str, seed: int, tol: float, max_iter: int, first_pass: str,
          pool: ThreadPoolExecutor | None, depth: int, bar: Any) -> None:
     hist = descent.hist
     gen = torch.Generator().manual_seed(seed)
@@ -201,14 +224,15 @@ def _run(descent: _Descent, spec: Any, order: str, seed: int, tol: float, max_it
         else:
             visit = forward
         before = descent.objective
-        changed = sweep(descent, visit, pool, depth)
+        partial = i == 0 and first_pass == "forward"  # every group is visited again after it
+        changed = descent.forward_pass(forward, pool, depth) if partial else sweep(descent, visit, pool, depth)
         hist.sweeps += 1
-        hist.changed.append([spec.groups[gi].name for gi in dict.fromkeys(changed)])
+        hist.changed.append([spec.groups[gi].name for gi in sorted(set(changed))])
         hist.objective.append(descent.objective)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(objective=f"{descent.objective:.6g}", changed=len(hist.changed[-1]))
-        if not changed:
+        if not changed and not partial:
             hist.converged = True
             return
         if tol > 0 and i > 0 and descent.objective - before <= tol * (descent.objective - start):

@@ -269,9 +269,9 @@ class _Problem:
         return [(c, lo, min(lo + step, shape[c])) for lo in range(0, shape[c], step)]
 
     def _product(self, s: list[torch.Tensor | None], mem: _Member, idx: Index, old: Index | None,
-                 hist: Any) -> None:
-        """``S += A_m · (B_m(idx) - B_m(old))ᵀ`` (without the second term when ``old`` is
-        None), piece by piece for a large member."""
+                 hist: Any, sign: int = 1) -> None:
+        """``S += sign · A_m · (B_m(idx) - B_m(old))ᵀ`` (without the second term when ``old``
+        is None), piece by piece for a large member."""
         n = self.sizes[mem.gi]
         pieces = self._pieces(mem.key, mem.axis)
         for piece in pieces:
@@ -279,6 +279,8 @@ class _Problem:
             b = self._b_matrix(mem.key, mem.axis, mem.lay, idx, piece=piece)
             if old is not None:  # (out of place: with nothing to gather, B's matrix is a view of B)
                 b = b - self._b_matrix(mem.key, mem.axis, mem.lay, old, piece=piece)
+            if sign < 0:
+                b = -b
             self._add(s, mem.bucket, a, b)
             hist.gemm_flops += 2 * n * n * a.shape[1]
             del a, b
@@ -313,7 +315,7 @@ class _Problem:
         else:
             s[bucket].addmm_(a, b.T, alpha=-1)
 
-    def refresh(self, gi: int, perm: list[torch.Tensor], hist: Any) -> list[torch.Tensor | None]:
+    def refresh(self, gi: int, perm: list[torch.Tensor], hist: Any, ready: set[int] | None = None) -> list[torch.Tensor | None]:
         """``S_g`` brought up to date with the current permutations of the other groups.
 
         A member not yet counted adds ``A_m · B_mᵀ``; a member whose other axes were
@@ -321,7 +323,9 @@ class _Problem:
         one other axis changed. (One addmm per full term: concatenating those copies them, and
         measured slower; the thin updates of one visit are fused, see `_defer`.) ``S_g`` is
         kept for the next visit while the memory budget allows; when it was dropped, every
-        member counts anew."""
+        member counts anew. With ``ready`` (a forward pass), only the members read through
+        groups in it count; one counted before (by a joint move's full read) is taken out,
+        so that what ``S_g`` holds does not depend on what the budget kept."""
         n = self.sizes[gi]
         pending: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[], []]  # small updates, fused
         s = self.budget.pop(("S", gi), cheap=False)
@@ -332,6 +336,11 @@ class _Problem:
         for mem in self.members[gi]:
             if mem.used is not None and not mem.others:
                 continue  # no other group touches it: counted once, for good
+            if ready is not None and not ready.issuperset(mem.deps):  # a forward pass: left for later
+                if mem.used is not None:  # counted by a full read (a joint move): taken out again
+                    self._product(s, mem, mem.used, None, hist, sign=-1)
+                    mem.used = None
+                continue
             idx = self._indices(mem.key, mem.others, perm)
             if mem.used is None:
                 self._product(s, mem, idx, None, hist)
@@ -365,10 +374,12 @@ class _Problem:
                         worth=self.worth[gi])
         return s
 
-    def cost(self, gi: int, perm: list[torch.Tensor], hist: Any, plain_only: bool = False) -> torch.Tensor:
+    def cost(self, gi: int, perm: list[torch.Tensor], hist: Any, plain_only: bool = False,
+             ready: set[int] | None = None) -> torch.Tensor:
         """``-S_g`` of group ``gi`` under the permutations of the others, on the compute
-        device (only the members outside nests when ``plain_only``); not to be modified."""
-        plain, nested = self.refresh(gi, perm, hist)
+        device (only the members outside nests when ``plain_only``; only those read through
+        the ``ready`` groups, if given, see `refresh`); not to be modified."""
+        plain, nested = self.refresh(gi, perm, hist, ready)
         if plain_only or nested is None:
             return plain if plain is not None else torch.zeros(self.sizes[gi], self.sizes[gi])
         return nested if plain is None else plain + nested
