@@ -224,7 +224,7 @@ def _run(descent: _Descent, spec: Any, order: str, seed: int, tol: float, max_it
         else:
             visit = forward
         before = descent.objective
-        partial = i == 0 and first_pass == "forward"  # every group is visited again after it
+        partial = i == 0 and first_pass == "forward"  # it left members out: no fixed point yet
         changed = descent.forward_pass(forward, pool, depth) if partial else sweep(descent, visit, pool, depth)
         hist.sweeps += 1
         hist.changed.append([spec.groups[gi].name for gi in sorted(set(changed))])
