@@ -146,8 +146,23 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
     m.add_argument("--data", help="'digits', 'digits-images', or a .safetensors file with x (inputs) and y (labels): "
                                   "activations for --method activation, statistics for --repair/--reset-bn")
     m.add_argument("--batch-size", type=int, default=256, help="batch size for the data (default 256)")
+    return {"arch": arch, "run": run, "write": write, "match": match, "descent": _descent_parent()}
+
+
+def _descent_parent() -> argparse.ArgumentParser:
+    """The options of weight matching's coordinate descent (align, merge, barrier, export)."""
+    descent = argparse.ArgumentParser(add_help=False)
+    m = descent.add_argument_group("weight matching")
     m.add_argument("--seed", type=int, default=0, help="seed of weight matching's visiting order")
-    return {"arch": arch, "run": run, "write": write, "match": match}
+    m.add_argument("--order", choices=("random", "graph"), default="random",
+                   help="weight matching's visiting order: random each sweep (default) or the state_dict's")
+    m.add_argument("--tol", type=float, default=0.0,
+                   help="stop weight matching at a sweep that raises the objective by at most this fraction of "
+                        "what all sweeps raised it (default 0: when a sweep changes nothing)")
+    m.add_argument("--first-pass", choices=("sweep", "forward"), default="sweep",
+                   help="'forward': weight matching first matches each layer on its aligned input side "
+                        "(fewer GEMMs; see the weight matching options in the docs)")
+    return descent
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,14 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--fold", action="store_true", help="with --draw: runs of identical blocks drawn once")
     ins.set_defaults(func=commands.inspect)
 
-    ali = sub.add_parser("align", parents=[par["arch"], par["match"], par["run"], par["write"]],
+    ali = sub.add_parser("align", parents=[par["arch"], par["match"], par["descent"], par["run"], par["write"]],
                          help="align checkpoint B to checkpoint A and write B aligned")
     ali.add_argument("a", metavar="A", help="the reference " + ckpts)
     ali.add_argument("b", metavar="B", help="the checkpoint to align (same architecture)")
     ali.add_argument("--perm-out", metavar="FILE", help="also write the permutation (.safetensors)")
     ali.set_defaults(func=commands.align)
 
-    mer = sub.add_parser("merge", parents=[par["arch"], par["match"], par["run"], par["write"]],
+    mer = sub.add_parser("merge", parents=[par["arch"], par["match"], par["descent"], par["run"], par["write"]],
                          help="align B to A and write (1 - alpha) A + alpha B-aligned")
     mer.add_argument("a", metavar="A", help="the reference " + ckpts)
     mer.add_argument("b", metavar="B", help="the checkpoint to merge into A (same architecture)")
@@ -197,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("b", metavar="B", help="the " + ckpts + " to permute")
     app.set_defaults(func=commands.apply)
 
-    bar = sub.add_parser("barrier", parents=[par["arch"], par["run"]],
+    bar = sub.add_parser("barrier", parents=[par["arch"], par["descent"], par["run"]],
                          help="loss and accuracy barriers between two checkpoints, naive and aligned")
     bar.add_argument("a", metavar="A", help="the first " + ckpts)
     bar.add_argument("b", metavar="B", help="the second")
@@ -212,10 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     bfix.add_argument("--reset-bn", action="store_true", help="reset BatchNorm statistics on the data at each alpha")
     bfix.add_argument("--repair", action="store_true", help="apply REPAIR on the data at each alpha")
     bar.add_argument("--batch-size", type=int, default=256, help="evaluation batch size (default 256)")
-    bar.add_argument("--seed", type=int, default=0, help="seed of weight matching's visiting order")
     bar.set_defaults(func=commands.barrier)
 
-    exp = sub.add_parser("export", parents=[par["arch"], par["run"]],
+    exp = sub.add_parser("export", parents=[par["arch"], par["descent"], par["run"]],
                          help="align B to A by weight matching and write the permutation file only")
     exp.add_argument("a", metavar="A", help="the reference " + ckpts)
     exp.add_argument("b", metavar="B", help="the checkpoint to align")
@@ -223,7 +237,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the permutation file to write (.safetensors); --out is the old name")
     exp.add_argument("--aligned", metavar="PATH", help="also write B aligned (a folder or a .safetensors file)")
     exp.add_argument("--data", help="take the example input from this data source (as for barrier)")
-    exp.add_argument("--seed", type=int, default=0, help="seed of weight matching's visiting order")
     exp.set_defaults(func=commands.export)
 
     demo = sub.add_parser("demo", help="train two MLPs on digits, align them, print the barriers (Git Re-Basin in a minute)")

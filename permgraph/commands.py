@@ -107,7 +107,8 @@ def _match_options(args: argparse.Namespace) -> dict[str, Any]:
 
     if str(args.device).startswith("cuda") and not torch.cuda.is_available():
         raise PermGraphError(f"--device {args.device}: no CUDA device is available here; use --device cpu")
-    return {"seed": args.seed, "max_memory": DEFAULT_MAX_MEMORY if args.max_memory is None else args.max_memory,
+    return {"seed": args.seed, "order": args.order, "tol": args.tol, "first_pass": args.first_pass,
+            "max_memory": DEFAULT_MAX_MEMORY if args.max_memory is None else args.max_memory,
             "device": args.device, "dtype": getattr(torch, args.dtype) if args.dtype else None}
 
 

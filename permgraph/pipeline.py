@@ -118,6 +118,9 @@ def match_checkpoints(
     *,
     method: str = "weight",
     seed: int = 0,
+    order: str = "random",
+    tol: float = 0.0,
+    first_pass: str = "sweep",
     max_memory: int | None = DEFAULT_MAX_MEMORY,
     device: Any = None,
     dtype: Any = None,
@@ -130,7 +133,8 @@ def match_checkpoints(
     Args:
         arch: from `architecture` over ``[A, B]``.
         method: ``"weight"``: weight matching, streamed from the files within ``max_memory``
-            (``seed``, ``device``, ``dtype`` as for `permgraph.match.weight_matching`);
+            (``seed``, ``order``, ``tol``, ``first_pass``, ``device``, ``dtype`` as for
+            `permgraph.match.weight_matching`);
             ``"activation"``: activation matching of the models ``load_models()`` returns, on
             ``batches``.
         progress: show progress bars.
@@ -145,8 +149,9 @@ def match_checkpoints(
 
     spec, a, b = arch.spec, arch.checkpoints[0], arch.checkpoints[1]
     if method == "weight":
-        return weight_matching(spec, a, b, seed=seed, max_memory=max_memory, device=device, dtype=dtype,
-                               progress=progress, return_history=True)
+        return weight_matching(spec, a, b, seed=seed, order=order, tol=tol, first_pass=first_pass,
+                               max_memory=max_memory, device=device, dtype=dtype, progress=progress,
+                               return_history=True)
     if method == "activation":
         if batches is None or load_models is None:
             raise PermGraphError("activation matching needs data (--data) to run both models on")
@@ -162,6 +167,9 @@ def align_checkpoints(
     method: str = "weight",
     perm_out: str | os.PathLike | None = None,
     seed: int = 0,
+    order: str = "random",
+    tol: float = 0.0,
+    first_pass: str = "sweep",
     max_memory: int | None = DEFAULT_MAX_MEMORY,
     device: Any = None,
     dtype: Any = None,
@@ -173,8 +181,9 @@ def align_checkpoints(
 ) -> tuple[dict[str, torch.Tensor], Any]:
     """Align checkpoint B to A and write B aligned, streaming (see the module docstring).
 
-    The matching arguments (``method``, ``seed``, ``max_memory``, ``device``, ``dtype``,
-    ``batches``, ``load_models``) are those of `match_checkpoints`; the writing ones
+    The matching arguments (``method``, ``seed``, ``order``, ``tol``, ``first_pass``,
+    ``max_memory``, ``device``, ``dtype``, ``batches``, ``load_models``) are those of
+    `match_checkpoints`; the writing ones
     (``overwrite``, ``max_shard_size``, ``progress``) those of
     `permgraph.checkpoint.write_checkpoint`.
 
@@ -188,8 +197,9 @@ def align_checkpoints(
     """
     from permgraph.io import save_permutation
 
-    perm, hist = match_checkpoints(arch, method=method, seed=seed, max_memory=max_memory, device=device, dtype=dtype,
-                                   batches=batches, load_models=load_models, progress=progress)
+    perm, hist = match_checkpoints(arch, method=method, seed=seed, order=order, tol=tol, first_pass=first_pass,
+                                   max_memory=max_memory, device=device, dtype=dtype, batches=batches,
+                                   load_models=load_models, progress=progress)
     b = arch.checkpoints[1]
     write_checkpoint(out, arch.entries(b), permuted(arch.spec, perm, b), like=b, overwrite=overwrite,
                      max_shard_size=max_shard_size, progress=progress,

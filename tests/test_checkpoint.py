@@ -262,6 +262,26 @@ def test_cli_inspect_align_merge_apply_on_folders(tmp_path: Path, llama, capsys)
     assert torch.isfinite(logits).all()
 
 
+def test_cli_descent_options(tmp_path: Path, llama, capsys) -> None:
+    """--order, --tol and --first-pass reach weight matching: the fast configuration still
+    finds the hidden permutation (aligned B is A), and a bad value is named before anything
+    is written."""
+    a, b, *_ = llama
+    out = tmp_path / "aligned"
+    assert main(["align", str(a), str(b), "--out", str(out), "--quiet", "--json", "--order", "graph",
+                 "--tol", "1e-3", "--first-pass", "forward"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["sweeps"] >= 1
+    ca, co = open_checkpoint(a), open_checkpoint(out)
+    assert all(torch.equal(ca[k], co[k]) for k in ca)
+    assert main(["export", str(a), str(b), "--perm-out", str(tmp_path / "p.safetensors"), "--quiet",
+                 "--first-pass", "forward"]) == 0
+    capsys.readouterr()
+    assert main(["align", str(a), str(b), "--out", str(tmp_path / "bad"), "--quiet", "--tol", "2"]) == 2
+    assert "tol must be a number in [0, 1)" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_cli_truncated_shard_leaves_nothing(tmp_path: Path, llama, capsys) -> None:
     a, b, *_ = llama
     bad = tmp_path / "B"
