@@ -346,9 +346,10 @@ def test_cuda_tensors_stay_on_the_device() -> None:  # pragma: no cover - runs w
     spec = permgraph.infer(model, torch.randn(2, 8))
     a = {k: v.cuda() for k, v in model.state_dict().items()}
     b = spec.apply(spec.random_permutation(torch.Generator().manual_seed(1)), a)
-    perm = weight_matching(spec, a, b)
-    aligned = spec.apply(perm, b)
-    assert all(aligned[k].device.type == "cuda" and torch.equal(aligned[k], a[k]) for k in a)
+    for first_pass in ("sweep", "forward"):
+        perm = weight_matching(spec, a, b, first_pass=first_pass)
+        aligned = spec.apply(perm, b)
+        assert all(aligned[k].device.type == "cuda" and torch.equal(aligned[k], a[k]) for k in a)
 
 
 # -- two trained networks ---------------------------------------------------------------
