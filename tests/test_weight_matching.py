@@ -211,11 +211,11 @@ def test_tol_stops_early_and_each_order_reaches_a_fixed_point(two_resnet18s) -> 
     assert graph.objective[1] > exact.objective[0]
 
 
-def test_the_forward_pass_reads_the_aligned_side_and_is_kept_only_when_it_gains(two_resnet18s) -> None:
+def test_the_forward_pass_reads_the_aligned_side_and_the_descent_reaches_a_fixed_point(two_resnet18s) -> None:
     """``first_pass="forward"``: the first sweep builds each group's similarity from the
-    members whose other groups it already visited; the objective it records is the true one
-    after that pass, the descent then reaches a fixed point of the full objective, and a pass
-    that would lower the objective is dropped (next test)."""
+    members whose other groups it already visited (fewer flops than a sweep); the objective
+    recorded is the true one, and the descent then reaches a fixed point of the full
+    objective."""
     spec, a, b = two_resnet18s
     keys = {m.key for g in spec.groups for m in g.members}
 
